@@ -1,0 +1,77 @@
+//! Errors that say where: every problem with user data names the file, the row and the field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Where in the user's data a problem was found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Location {
+    /// The file (shard, manifest, image, index, ...).
+    pub file: PathBuf,
+    /// Zero-based row in a shard, or line number (one-based) in a manifest; `None` for file-level problems.
+    pub row: Option<u64>,
+    /// Field path inside the row, e.g. `characters[1].embedding`.
+    pub field: Option<String>,
+}
+
+impl Location {
+    /// A file-level location.
+    pub fn file(file: impl AsRef<Path>) -> Self {
+        Self { file: file.as_ref().to_path_buf(), row: None, field: None }
+    }
+
+    /// A row of a file.
+    pub fn row(file: impl AsRef<Path>, row: u64) -> Self {
+        Self { file: file.as_ref().to_path_buf(), row: Some(row), field: None }
+    }
+
+    /// The same location narrowed to a field.
+    pub fn field(&self, field: impl Into<String>) -> Self {
+        Self { field: Some(field.into()), ..self.clone() }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(row) = self.row {
+            write!(f, ": row {row}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        Ok(())
+    }
+}
+
+/// A problem with user data or with reading/writing it.
+#[derive(Debug, Clone)]
+pub struct DataError {
+    /// Where it happened.
+    pub at: Location,
+    /// What is wrong, as one sentence for a person.
+    pub message: String,
+}
+
+impl DataError {
+    /// An error at `at`.
+    pub fn new(at: Location, message: impl Into<String>) -> Self {
+        Self { at, message: message.into() }
+    }
+
+    /// An I/O error on a file.
+    pub fn io(file: impl AsRef<Path>, err: &std::io::Error) -> Self {
+        Self::new(Location::file(file), format!("{err}"))
+    }
+}
+
+impl fmt::Display for DataError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.at, self.message)
+    }
+}
+
+impl std::error::Error for DataError {}
+
+/// Result with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;

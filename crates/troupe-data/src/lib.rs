@@ -1,0 +1,12 @@
+//! Troupe's data layer: the Parquet shard format, tools that write and check shards, and the
+//! streaming loader that turns shards into training batches with the StoryMaker per-sample recipe.
+//!
+//! No burn here: batches are plain `Vec<f32>` with shapes, so this crate builds fast and can be
+//! used by any trainer.
+
+pub mod error;
+pub mod schema;
+pub mod shard;
+
+pub use error::{DataError, Location, Result};
+pub use schema::{Character, EncodedImage, Sample};
