@@ -5,8 +5,12 @@
 //! used by any trainer.
 
 pub mod error;
+pub mod image_io;
+pub mod plan;
+pub mod rng;
 pub mod schema;
 pub mod shard;
+pub mod synth;
 
 pub use error::{DataError, Location, Result};
 pub use schema::{Character, EncodedImage, Sample};

@@ -1,0 +1,1 @@
+//! Synthetic datasets (tiny fixtures, benchmark shards).
