@@ -1,3 +1,38 @@
-fn main() {
-    println!("Hello, world!");
+//! `troupe`: the command-line front end. It only parses arguments and wires library calls;
+//! the work lives in the library crates.
+
+mod bench;
+mod data;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train StoryMaker-style reference-conditioned adapters on SDXL.
+#[derive(Parser)]
+#[command(name = "troupe", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Dataset tools: pack, import, check, inspect and benchmark shards.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

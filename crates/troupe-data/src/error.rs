@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// Where in the user's data a problem was found.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
     /// The file (shard, manifest, image, index, ...).
     pub file: PathBuf,
@@ -12,17 +12,35 @@ pub struct Location {
     pub row: Option<u64>,
     /// Field path inside the row, e.g. `characters[1].embedding`.
     pub field: Option<String>,
+    /// What `row` counts: "row" (shards, zero-based), "line" (JSONL, one-based), "entry".
+    pub unit: &'static str,
+}
+
+impl Default for Location {
+    fn default() -> Self {
+        Self { file: PathBuf::new(), row: None, field: None, unit: "row" }
+    }
 }
 
 impl Location {
     /// A file-level location.
     pub fn file(file: impl AsRef<Path>) -> Self {
-        Self { file: file.as_ref().to_path_buf(), row: None, field: None }
+        Self { file: file.as_ref().to_path_buf(), ..Self::default() }
     }
 
-    /// A row of a file.
+    /// A row of a shard (zero-based).
     pub fn row(file: impl AsRef<Path>, row: u64) -> Self {
-        Self { file: file.as_ref().to_path_buf(), row: Some(row), field: None }
+        Self { file: file.as_ref().to_path_buf(), row: Some(row), ..Self::default() }
+    }
+
+    /// A line of a text file such as a JSONL manifest (one-based).
+    pub fn line(file: impl AsRef<Path>, line: u64) -> Self {
+        Self { file: file.as_ref().to_path_buf(), row: Some(line), field: None, unit: "line" }
+    }
+
+    /// An entry of an index (e.g. `"2"[5]` of a StoryMaker JSON index, given as its position).
+    pub fn entry(file: impl AsRef<Path>, entry: u64) -> Self {
+        Self { file: file.as_ref().to_path_buf(), row: Some(entry), field: None, unit: "entry" }
     }
 
     /// The same location narrowed to a field.
@@ -35,7 +53,7 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some(row) = self.row {
-            write!(f, ": row {row}")?;
+            write!(f, ": {} {row}", self.unit)?;
         }
         if let Some(field) = &self.field {
             write!(f, ": field `{field}`")?;

@@ -34,8 +34,10 @@ pub struct ShardWriterOptions {
     /// ... or once its rows hold this many encoded bytes, whichever comes first. A row group is
     /// the unit the loader reads and holds in memory, so this bounds the loader's read size.
     pub bytes_per_row_group: usize,
-    /// A shard closes once it holds at least this many bytes.
+    /// A shard closes once it holds at least this many bytes ...
     pub shard_bytes: u64,
+    /// ... or at least this many rows (checked at row-group boundaries).
+    pub shard_rows: u64,
     /// File names are `{prefix}-{index:05}.parquet`.
     pub prefix: String,
     /// Written to the `troupe.producer` metadata key.
@@ -48,6 +50,7 @@ impl Default for ShardWriterOptions {
             rows_per_row_group: 64,
             bytes_per_row_group: 32 << 20,
             shard_bytes: 512 << 20,
+            shard_rows: u64::MAX,
             prefix: "shard".into(),
             producer: format!("troupe {}", env!("CARGO_PKG_VERSION")),
         }
@@ -144,7 +147,7 @@ impl ShardWriter {
         shard.rows += self.pending.len() as u64;
         self.pending.clear();
         self.pending_bytes = 0;
-        if shard.writer.bytes_written() as u64 >= self.options.shard_bytes {
+        if shard.writer.bytes_written() as u64 >= self.options.shard_bytes || shard.rows >= self.options.shard_rows {
             self.close_shard()?;
         }
         Ok(())

@@ -1,0 +1,215 @@
+//! `troupe data …` subcommands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use troupe_data::check::{check_shards, stats};
+use troupe_data::image_io::DecodeLimits;
+use troupe_data::pack::{pack_manifest, OnBadLine, PackReport};
+use troupe_data::shard::{find_shards, ShardWriterOptions};
+use troupe_data::DataError;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Pack a folder of images and a JSONL manifest into shards.
+    Pack {
+        /// The manifest: one JSON object per line (see datasets/README.md).
+        manifest: PathBuf,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Import a dataset in StoryMaker's reference layout (JSON index keyed by person count).
+    ImportStorymaker {
+        /// The index JSON, e.g. examples/datasets/test.json.
+        index: PathBuf,
+        #[command(flatten)]
+        out: OutArgs,
+    },
+    /// Validate every row of shards; exits non-zero if any problem is found.
+    Check {
+        /// Shard files or folders of shards.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Threads decoding images (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Print at most this many problems (all are counted).
+        #[arg(long, default_value_t = 200)]
+        max_problems: usize,
+    },
+    /// Row count, characters per image, resolutions and caption lengths.
+    Stats {
+        /// Shard files or folders of shards.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Write a synthetic dataset (tiny fixtures, benchmark shards).
+    Synth {
+        /// Output folder (must not hold shards yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rows to generate.
+        #[arg(long, default_value_t = 48)]
+        rows: usize,
+        /// Smallest image side.
+        #[arg(long, default_value_t = 192)]
+        min_side: u32,
+        /// Largest image side.
+        #[arg(long, default_value_t = 320)]
+        max_side: u32,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Rows per shard.
+        #[arg(long, default_value_t = 1 << 20)]
+        rows_per_shard: usize,
+        /// Rows per row group.
+        #[arg(long, default_value_t = 64)]
+        rows_per_row_group: usize,
+    },
+    /// Benchmark the per-sample recipe (samples/s at 1 thread and at all cores) and the loader.
+    Bench(crate::data::BenchArgs),
+}
+
+#[derive(Args)]
+pub struct OutArgs {
+    /// Output folder for the shards (created; must not hold shards yet).
+    #[arg(long)]
+    out: PathBuf,
+    /// Target shard size in MiB.
+    #[arg(long, default_value_t = 512)]
+    shard_mib: u64,
+    /// Rows per row group (the loader's read unit).
+    #[arg(long, default_value_t = 64)]
+    rows_per_row_group: usize,
+    /// What to do with an input row that fails validation.
+    #[arg(long, value_enum, default_value_t = BadRow::Fail)]
+    on_bad_row: BadRow,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BadRow {
+    /// Stop at the first bad row; remove the shards written by this run.
+    Fail,
+    /// Leave bad rows out; report each one.
+    Skip,
+}
+
+impl OutArgs {
+    fn options(&self) -> ShardWriterOptions {
+        ShardWriterOptions {
+            rows_per_row_group: self.rows_per_row_group.max(1),
+            shard_bytes: self.shard_mib.max(1) << 20,
+            ..ShardWriterOptions::default()
+        }
+    }
+
+    fn policy(&self) -> OnBadLine {
+        match self.on_bad_row {
+            BadRow::Fail => OnBadLine::Fail,
+            BadRow::Skip => OnBadLine::Skip,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Shard files or folders of shards.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Rows to load into memory and transform.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
+    /// Thread counts to measure (default: 1 and all cores).
+    #[arg(long, value_delimiter = ',')]
+    threads: Vec<usize>,
+    /// Passes over the samples per measurement (the best pass is reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_problems(problems: &[DataError], max: usize) {
+    for p in problems.iter().take(max) {
+        eprintln!("{p}");
+    }
+    if problems.len() > max {
+        eprintln!("… and {} more problems", problems.len() - max);
+    }
+}
+
+fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Result<ExitCode> {
+    match result {
+        Ok(report) => {
+            for s in &report.skipped {
+                eprintln!("skipped: {s}");
+            }
+            for s in &report.shards {
+                println!("wrote {} ({} rows, {:.1} MiB)", s.path.display(), s.rows, s.bytes as f64 / (1 << 20) as f64);
+            }
+            println!("{} rows in {} shards; {} problems in skipped rows", report.rows, report.shards.len(), report.skipped.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            print_problems(&errors, usize::MAX);
+            bail!("nothing was packed: fix the rows above, or pass --on-bad-row skip to leave them out")
+        }
+    }
+}
+
+pub fn run(cmd: DataCommand) -> Result<ExitCode> {
+    let limits = DecodeLimits::default();
+    match cmd {
+        DataCommand::Pack { manifest, out } => {
+            report_pack(pack_manifest(&manifest, &out.out, out.options(), out.policy(), limits))
+        }
+        DataCommand::ImportStorymaker { index, out } => report_pack(troupe_data::import::import_storymaker(
+            &index,
+            &out.out,
+            out.options(),
+            out.policy(),
+            limits,
+        )),
+        DataCommand::Check { paths, threads, max_problems } => {
+            let shards = find_shards(&paths)?;
+            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let report = check_shards(&shards, limits, threads);
+            print_problems(&report.problems, max_problems);
+            println!(
+                "checked {} shard(s), {} rows: {} problem(s) in {} row(s)",
+                report.files,
+                report.rows,
+                report.problems.len(),
+                report.bad_rows
+            );
+            Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        DataCommand::Stats { paths } => {
+            let shards = find_shards(&paths)?;
+            print!("{}", stats(&shards)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Synth { out, rows, min_side, max_side, seed, rows_per_shard, rows_per_row_group } => {
+            if min_side == 0 || min_side > max_side {
+                bail!("--min-side must be at least 1 and at most --max-side");
+            }
+            let opts = troupe_data::synth::SynthOptions { rows, min_side, max_side, seed, ..Default::default() };
+            let writer = ShardWriterOptions {
+                rows_per_row_group: rows_per_row_group.max(1),
+                shard_rows: rows_per_shard.max(1) as u64,
+                ..ShardWriterOptions::default()
+            };
+            let shards = troupe_data::synth::write_dataset(&out, &opts, writer)
+                .with_context(|| format!("writing {}", out.display()))?;
+            for s in &shards {
+                println!("wrote {} ({} rows, {:.2} MiB)", s.path.display(), s.rows, s.bytes as f64 / (1 << 20) as f64);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Bench(args) => crate::bench::run(args),
+    }
+}

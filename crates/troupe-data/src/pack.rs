@@ -1,0 +1,274 @@
+//! `troupe data pack`: a folder of images plus a JSONL manifest → shards.
+//!
+//! One manifest line per image (paths relative to the manifest's folder):
+//! ```json
+//! {"image": "img/0001.jpg", "caption": "two friends at a cafe", "id": "0001",
+//!  "pose": "pose/0001.png",
+//!  "characters": [{"embedding": "emb/0001_0.npy", "keypoints": [[x, y], ...5], "mask": "mask/0001_0.png"}]}
+//! ```
+//! `embedding` is 512 numbers inline or a `.npy` file (float32/float64, shape (512,) or (1, 512));
+//! `keypoints` are 5 (x, y) pairs or 10 numbers in image pixels; `id` defaults to the image path;
+//! `pose` is optional. Every row is fully validated (as `troupe data check` does) before it is
+//! written; image bytes are stored as given, masks as 8-bit grayscale PNG.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use image::GrayImage;
+use serde::Deserialize;
+
+use crate::check::check_sample;
+use crate::error::{DataError, Location, Result};
+use crate::image_io::{decode_gray, encode_png_gray, probe, DecodeLimits};
+use crate::schema::{Character, EncodedImage, Sample};
+use crate::shard::{ShardInfo, ShardWriter, ShardWriterOptions};
+
+/// One character before packing.
+#[derive(Debug, Clone)]
+pub struct CharacterInput {
+    /// Identity embedding (512 floats, unit norm).
+    pub embedding: Vec<f32>,
+    /// 5 (x, y) keypoints in image pixels, flattened.
+    pub keypoints: Vec<f32>,
+    /// The character's mask at image size.
+    pub mask: GrayImage,
+}
+
+/// Builds a shard row and runs every check on it. Masks whose maximum is 1 (0/1 label images)
+/// are scaled to 0/255, since the recipe reads masks as 8-bit opacity.
+pub fn build_sample(
+    id: String,
+    image: EncodedImage,
+    caption: String,
+    characters: Vec<CharacterInput>,
+    pose: Option<EncodedImage>,
+    at: &Location,
+    limits: DecodeLimits,
+) -> std::result::Result<Sample, Vec<DataError>> {
+    let (width, height) = probe(&image.bytes, &at.field("image"), limits).map_err(|e| vec![e])?;
+    let characters = characters
+        .into_iter()
+        .map(|mut c| {
+            if c.mask.iter().all(|&v| v <= 1) {
+                c.mask.iter_mut().for_each(|v| *v *= 255);
+            }
+            let bbox = crate::ops::nonzero_bbox(&c.mask).map_or([0; 4], |b| [b.x0, b.y0, b.x1, b.y1]);
+            Character {
+                embedding: c.embedding,
+                keypoints: c.keypoints,
+                mask: EncodedImage { bytes: encode_png_gray(&c.mask), path: None },
+                bbox,
+            }
+        })
+        .collect();
+    let sample = Sample { id, image, width, height, caption, characters, pose };
+    let errors = check_sample(&sample, at, limits);
+    if errors.is_empty() { Ok(sample) } else { Err(errors) }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestLine {
+    image: String,
+    caption: String,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    pose: Option<String>,
+    characters: Vec<ManifestCharacter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestCharacter {
+    embedding: NumbersOrFile,
+    keypoints: Keypoints,
+    mask: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumbersOrFile {
+    Inline(Vec<f32>),
+    File(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Keypoints {
+    Pairs(Vec<[f32; 2]>),
+    Flat(Vec<f32>),
+}
+
+/// What to do with a manifest line that fails validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBadLine {
+    /// Stop, remove the shards written so far, report the line (default).
+    Fail,
+    /// Leave the line out and report it.
+    Skip,
+}
+
+/// Outcome of packing.
+#[derive(Debug)]
+pub struct PackReport {
+    /// Shards written.
+    pub shards: Vec<ShardInfo>,
+    /// Lines left out (with [`OnBadLine::Skip`]), each problem listed.
+    pub skipped: Vec<DataError>,
+    /// Lines packed.
+    pub rows: u64,
+}
+
+/// Writes shards from samples produced by `next` (one call per input item, `None` at the end).
+/// On failure with [`OnBadLine::Fail`] the shards of this run are removed: inputs stay untouched
+/// and no half-packed dataset is left behind.
+pub fn write_shards(
+    out: &Path,
+    options: ShardWriterOptions,
+    on_bad: OnBadLine,
+    mut next: impl FnMut() -> Option<std::result::Result<Sample, Vec<DataError>>>,
+) -> std::result::Result<PackReport, Vec<DataError>> {
+    let mut writer = ShardWriter::new(out, options).map_err(|e| vec![e])?;
+    let mut skipped = Vec::new();
+    let mut rows = 0;
+    let fail = |writer: ShardWriter, errors: Vec<DataError>| {
+        if let Ok(done) = writer.finish() {
+            for s in done {
+                let _ = std::fs::remove_file(&s.path);
+            }
+        }
+        errors
+    };
+    while let Some(item) = next() {
+        match item {
+            Ok(sample) => {
+                if let Err(e) = writer.push(sample) {
+                    return Err(fail(writer, vec![e]));
+                }
+                rows += 1;
+            }
+            Err(errors) if on_bad == OnBadLine::Skip => skipped.extend(errors),
+            Err(errors) => return Err(fail(writer, errors)),
+        }
+    }
+    let shards = writer.finish().map_err(|e| vec![e])?;
+    Ok(PackReport { shards, skipped, rows })
+}
+
+/// Packs a JSONL manifest into shards in `out`.
+pub fn pack_manifest(
+    manifest: &Path,
+    out: &Path,
+    options: ShardWriterOptions,
+    on_bad: OnBadLine,
+    limits: DecodeLimits,
+) -> std::result::Result<PackReport, Vec<DataError>> {
+    let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
+    let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut lines = BufReader::new(file).lines().enumerate();
+    write_shards(out, options, on_bad, || loop {
+        let (i, line) = lines.next()?;
+        let at = Location::line(manifest, i as u64 + 1);
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => return Some(Err(vec![DataError::new(at, format!("cannot read line: {e}"))])),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        return Some(sample_from_line(&line, &base, &at, limits));
+    })
+}
+
+fn sample_from_line(line: &str, base: &Path, at: &Location, limits: DecodeLimits) -> std::result::Result<Sample, Vec<DataError>> {
+    let one = |e: DataError| vec![e];
+    let entry: ManifestLine =
+        serde_json::from_str(line).map_err(|e| one(DataError::new(at.clone(), format!("not a valid manifest line: {e}"))))?;
+    let read = |rel: &str, field: &str| -> Result<(PathBuf, Vec<u8>)> {
+        let path = base.join(rel);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| DataError::new(at.field(field), format!("cannot read {}: {e}", path.display())))?;
+        Ok((path, bytes))
+    };
+    let (_, image_bytes) = read(&entry.image, "image").map_err(one)?;
+    let image = EncodedImage { bytes: image_bytes, path: Some(entry.image.clone()) };
+    let pose = match &entry.pose {
+        None => None,
+        Some(p) => Some(EncodedImage { bytes: read(p, "pose").map_err(one)?.1, path: Some(p.clone()) }),
+    };
+    let mut characters = Vec::new();
+    for (i, c) in entry.characters.iter().enumerate() {
+        let field = |name: &str| format!("characters[{i}].{name}");
+        let embedding = match &c.embedding {
+            NumbersOrFile::Inline(v) => v.clone(),
+            NumbersOrFile::File(rel) => {
+                let (path, bytes) = read(rel, &field("embedding")).map_err(one)?;
+                read_npy_f32(&bytes).map_err(|m| one(DataError::new(at.field(field("embedding")), format!("{}: {m}", path.display()))))?
+            }
+        };
+        let keypoints = match &c.keypoints {
+            Keypoints::Pairs(p) => p.iter().flatten().copied().collect(),
+            Keypoints::Flat(v) => v.clone(),
+        };
+        let (_, mask_bytes) = read(&c.mask, &field("mask")).map_err(one)?;
+        let mask = decode_gray(&mask_bytes, &at.field(field("mask")), limits).map_err(one)?;
+        characters.push(CharacterInput { embedding, keypoints, mask });
+    }
+    let id = entry.id.clone().unwrap_or_else(|| entry.image.clone());
+    build_sample(id, image, entry.caption, characters, pose, at, limits)
+}
+
+/// Reads a NumPy `.npy` array of float32 or float64 (little-endian, C order) as `f32`s.
+/// Any shape is accepted; the caller checks the length.
+pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("not a .npy file (bad magic)".into());
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let header = bytes.get(start..start + header_len).ok_or("truncated .npy header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
+    if header.contains("'fortran_order': True") {
+        return Err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into());
+    }
+    let descr = header.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).ok_or("no dtype in the .npy header")?;
+    let data = &bytes[start + header_len..];
+    match descr {
+        "<f4" => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+        "<f8" => Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
+        other => Err(format!("dtype `{other}` is not supported; use float32 or float64")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+        while (10 + header.len() + 1) % 64 != 0 {
+            header.push(' ');
+        }
+        header.push('\n');
+        let mut out = b"\x93NUMPY\x01\x00".to_vec();
+        out.extend((header.len() as u16).to_le_bytes());
+        out.extend(header.as_bytes());
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn npy_float32_and_float64_read_exactly() {
+        let v = [0.5f32, -1.25, 3.0];
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(read_npy_f32(&npy("<f4", "(1, 3)", &bytes)).unwrap(), v);
+        let bytes: Vec<u8> = v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
+        assert_eq!(read_npy_f32(&npy("<f8", "(3,)", &bytes)).unwrap(), v);
+        assert!(read_npy_f32(&npy("<i8", "(3,)", &bytes)).unwrap_err().contains("<i8"));
+        assert!(read_npy_f32(b"not numpy").is_err());
+    }
+}

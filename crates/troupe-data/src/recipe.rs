@@ -1,0 +1,320 @@
+//! The per-sample recipe of StoryMaker's `mp_dataset.py` (reference §5.2), one function:
+//! [`process`]. It turns a shard row into the tensors of one training sample.
+//!
+//! Steps, per sample: dropout draws → decode → image resized to the target size in [-1, 1];
+//! per character: mask dilated 7×7 then blurred 5×5 (the soft mask), the image cropped to the
+//! dilated mask's bounding box and composited on white, an aligned face crop by the 5-point
+//! similarity transform to the ArcFace template, a body crop rotated by U(±10°) with white fill
+//! and resized to 224² (Lanczos), both CLIP-normalised; the soft mask at 1/8 resolution for the
+//! losses; the pose image resized to the target in [0, 1].
+
+use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Location, Result};
+use crate::image_io::{decode_gray, decode_rgb, DecodeLimits};
+use crate::ops::{self, Filter};
+use crate::plan::Target;
+use crate::rng::KeyedRng;
+use crate::schema::{self, col, Sample};
+
+/// Conditioning dropout, decided per sample from one uniform draw r (IP-Adapter's cascade):
+/// r < image → drop image; next `text` → drop caption; next `both` → drop both.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dropout {
+    /// Probability of dropping the image conditioning only (reference 0.05).
+    pub image: f64,
+    /// Probability of dropping the caption only (reference 0.20).
+    pub text: f64,
+    /// Probability of dropping both (reference 0.05).
+    pub both: f64,
+}
+
+impl Default for Dropout {
+    fn default() -> Self {
+        Self { image: 0.05, text: 0.20, both: 0.05 }
+    }
+}
+
+impl Dropout {
+    /// (drop image, drop text) for a uniform draw `r` in [0, 1).
+    pub fn decide(&self, r: f64) -> (bool, bool) {
+        if r < self.image {
+            (true, false)
+        } else if r < self.image + self.text {
+            (false, true)
+        } else if r < self.image + self.text + self.both {
+            (true, true)
+        } else {
+            (false, false)
+        }
+    }
+}
+
+/// Recipe settings; defaults are the reference values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecipeConfig {
+    /// Side of the CLIP crops (224 for ViT-H/14).
+    pub crop_size: u32,
+    /// Mask dilation kernel side (7).
+    pub dilate_kernel: u32,
+    /// Body crops are rotated by U(−x, x) degrees (10).
+    pub max_rotation_degrees: f64,
+    /// Loss masks are at 1/this of the image (8, the VAE factor).
+    pub latent_downsample: u32,
+    /// Conditioning dropout.
+    pub dropout: Dropout,
+    /// SDXL `time_ids`: with `Some((h, w))` the reference's fixed target size (1286, 960) and
+    /// original size = training size; with `None` the usual SDXL (original size, crop, target).
+    pub fixed_target_size: Option<(u32, u32)>,
+}
+
+impl Default for RecipeConfig {
+    fn default() -> Self {
+        Self {
+            crop_size: 224,
+            dilate_kernel: 7,
+            max_rotation_degrees: 10.0,
+            latent_downsample: 8,
+            dropout: Dropout::default(),
+            fixed_target_size: Some((1286, 960)),
+        }
+    }
+}
+
+/// One character after the recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedCharacter {
+    /// Identity embedding (zeros when the image conditioning is dropped).
+    pub embedding: Vec<f32>,
+    /// CLIP-normalised body crop `[3, S, S]`; `None` (zeros) when the image is dropped.
+    pub clip_body: Option<Vec<f32>>,
+    /// CLIP-normalised aligned face crop `[3, S, S]`; `None` (zeros) when the image is dropped.
+    pub clip_face: Option<Vec<f32>>,
+    /// Soft mask at latent resolution in [0, 1], `[H/8, W/8]`.
+    pub mask: Vec<f32>,
+}
+
+/// One sample after the recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedSample {
+    /// Sample id.
+    pub id: String,
+    /// Caption (empty when dropped).
+    pub caption: String,
+    /// Output width.
+    pub width: u32,
+    /// Output height.
+    pub height: u32,
+    /// Image in [-1, 1], `[3, H, W]`.
+    pub pixels: Vec<f32>,
+    /// Characters in slot order.
+    pub characters: Vec<ProcessedCharacter>,
+    /// Pose in [0, 1], `[3, H, W]`.
+    pub pose: Option<Vec<f32>>,
+    /// Image conditioning dropped.
+    pub drop_image: bool,
+    /// Caption dropped.
+    pub drop_text: bool,
+    /// SDXL time ids.
+    pub time_ids: [f32; 6],
+}
+
+/// Reusable per-thread buffers (the resizer keeps its coefficient caches).
+#[derive(Default)]
+pub struct Scratch {
+    resizer: ops::Resizer,
+}
+
+/// Runs the recipe on one row. `at` names the row; errors name the field too.
+pub fn process(
+    sample: &Sample,
+    target: &Target,
+    cfg: &RecipeConfig,
+    limits: DecodeLimits,
+    rng: &mut KeyedRng,
+    at: &Location,
+    scratch: &mut Scratch,
+) -> Result<ProcessedSample> {
+    if let Some(e) = schema::validate_fields(sample, at).into_iter().next() {
+        return Err(e);
+    }
+    // Random draws first, in a fixed order, so they do not depend on the data path taken.
+    let (drop_image, drop_text) = cfg.dropout.decide(rng.uniform());
+    let angles: Vec<f64> = sample
+        .characters
+        .iter()
+        .map(|_| rng.uniform_range(-cfg.max_rotation_degrees, cfg.max_rotation_degrees))
+        .collect();
+
+    let image = decode_rgb(&sample.image.bytes, &at.field(col::IMAGE), limits)?;
+    if image.dimensions() != (sample.width, sample.height) {
+        return Err(DataError::new(
+            at.field("width/height"),
+            format!(
+                "the columns say {}x{} but the image decodes to {}x{}",
+                sample.width,
+                sample.height,
+                image.width(),
+                image.height()
+            ),
+        ));
+    }
+    let (w, h) = (target.width, target.height);
+    let [cx, cy, cw, ch] = target.crop;
+    let view = region(&image, target.crop);
+    let resized = scratch.resizer.resize_rgb(view.as_ref().unwrap_or(&image), w, h, Filter::CatmullRom);
+    let mut pixels = vec![0.0; 3 * (w * h) as usize];
+    ops::to_signed_unit(&resized, &mut pixels);
+
+    let (mw, mh) = (w / cfg.latent_downsample, h / cfg.latent_downsample);
+    let s = cfg.crop_size;
+    let mut characters = Vec::with_capacity(sample.characters.len());
+    for (i, character) in sample.characters.iter().enumerate() {
+        let field = |name: &str| at.field(format!("{}[{i}].{name}", col::CHARACTERS));
+        let mask = decode_gray(&character.mask.bytes, &field(col::MASK), limits)?;
+        if mask.dimensions() != image.dimensions() {
+            return Err(DataError::new(
+                field(col::MASK),
+                format!("mask is {}x{}, the image is {}x{}", mask.width(), mask.height(), image.width(), image.height()),
+            ));
+        }
+        let Some(soft) = soft_mask(&mask, cfg.dilate_kernel) else {
+            return Err(DataError::new(field(col::MASK), "mask is empty (no non-zero pixel)"));
+        };
+        let loss_mask = ops::resize_mask_bilinear(region(&soft.mask, target.crop).as_ref().unwrap_or(&soft.mask), mw, mh);
+        let (clip_body, clip_face, embedding) = if drop_image {
+            (None, None, vec![0.0; schema::EMBEDDING_DIM])
+        } else {
+            let [x0, y0, x1, y1] = soft.bbox;
+            let crop = image::imageops::crop_imm(&image, x0, y0, x1 - x0, y1 - y0).to_image();
+            let mcrop = image::imageops::crop_imm(&soft.mask, x0, y0, x1 - x0, y1 - y0).to_image();
+            let white = ops::composite_on_white(&crop, &mcrop);
+            // Keypoints are stored in image pixels; the reference's are relative to this crop.
+            let mut kps = [[0f32; 2]; 5];
+            for (k, p) in character.keypoints.chunks_exact(2).enumerate() {
+                kps[k] = [p[0] - x0 as f32, p[1] - y0 as f32];
+            }
+            let face = ops::norm_crop(&white, &kps, s);
+            let rotated = ops::rotate_nearest(&white, angles[i] as f32, [255, 255, 255]);
+            let body = scratch.resizer.resize_rgb(&rotated, s, s, Filter::Lanczos3);
+            let mut clip_face = vec![0.0; 3 * (s * s) as usize];
+            let mut clip_body = vec![0.0; 3 * (s * s) as usize];
+            ops::clip_normalize(&face, &mut clip_face);
+            ops::clip_normalize(&body, &mut clip_body);
+            (Some(clip_body), Some(clip_face), character.embedding.clone())
+        };
+        characters.push(ProcessedCharacter { embedding, clip_body, clip_face, mask: loss_mask });
+    }
+
+    let pose = match &sample.pose {
+        None => None,
+        Some(p) => {
+            let pose = decode_rgb(&p.bytes, &at.field(col::POSE), limits)?;
+            // The pose may have its own size; crop the same relative region as the image.
+            let sx = pose.width() as f64 / image.width() as f64;
+            let sy = pose.height() as f64 / image.height() as f64;
+            let pc = [
+                (cx as f64 * sx) as u32,
+                (cy as f64 * sy) as u32,
+                ((cw as f64 * sx).round() as u32).clamp(1, pose.width()),
+                ((ch as f64 * sy).round() as u32).clamp(1, pose.height()),
+            ];
+            let pose_view = region(&pose, pc);
+            let resized = scratch.resizer.resize_rgb(pose_view.as_ref().unwrap_or(&pose), w, h, Filter::Bilinear);
+            let mut out = vec![0.0; 3 * (w * h) as usize];
+            ops::to_unit(&resized, &mut out);
+            Some(out)
+        }
+    };
+
+    let time_ids = match cfg.fixed_target_size {
+        Some((th, tw)) => [h as f32, w as f32, 0.0, 0.0, th as f32, tw as f32],
+        None => {
+            let top = (cy as f64 * h as f64 / ch as f64).round() as f32;
+            let left = (cx as f64 * w as f64 / cw as f64).round() as f32;
+            [sample.height as f32, sample.width as f32, top, left, h as f32, w as f32]
+        }
+    };
+    Ok(ProcessedSample {
+        id: sample.id.clone(),
+        caption: if drop_text { String::new() } else { sample.caption.clone() },
+        width: w,
+        height: h,
+        pixels,
+        characters,
+        pose,
+        drop_image,
+        drop_text,
+        time_ids,
+    })
+}
+
+/// `Some(copy)` of the region when it is not the whole image.
+fn region<P: image::Pixel + 'static>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, crop: [u32; 4]) -> Option<image::ImageBuffer<P, Vec<P::Subpixel>>> {
+    let [x, y, w, h] = crop;
+    ((x, y, w, h) != (0, 0, img.width(), img.height())).then(|| image::imageops::crop_imm(img, x, y, w, h).to_image())
+}
+
+/// A character's soft mask at full resolution and the bounding box of its dilated mask.
+pub struct SoftMask {
+    /// Dilated then blurred mask.
+    pub mask: GrayImage,
+    /// x0, y0, x1, y1 (exclusive) of the dilated mask's non-zero pixels.
+    pub bbox: [u32; 4],
+}
+
+/// Dilation (k×k) then 5×5 Gaussian blur, computed on the mask's bounding box plus the margin
+/// both operations can reach, so the cost follows the character's size, not the image's.
+/// `None` for an empty mask.
+pub fn soft_mask(mask: &GrayImage, kernel: u32) -> Option<SoftMask> {
+    let b = ops::nonzero_bbox(mask)?;
+    // Dilation reaches k/2, the blur 2 more, and 2 more keep the blur's border reflection on zeros.
+    let m = kernel / 2 + 4;
+    let (x0, y0) = (b.x0.saturating_sub(m), b.y0.saturating_sub(m));
+    let (x1, y1) = ((b.x1 + m).min(mask.width()), (b.y1 + m).min(mask.height()));
+    let roi = image::imageops::crop_imm(mask, x0, y0, x1 - x0, y1 - y0).to_image();
+    let dilated = ops::dilate_rect(&roi, kernel);
+    let d = ops::nonzero_bbox(&dilated).expect("dilating a non-empty mask keeps it non-empty");
+    let blurred = ops::gaussian_blur_5x5(&dilated);
+    let mut full = GrayImage::new(mask.width(), mask.height());
+    image::imageops::replace(&mut full, &blurred, x0 as i64, y0 as i64);
+    Some(SoftMask { mask: full, bbox: [x0 + d.x0, y0 + d.y0, x0 + d.x1, y0 + d.y1] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_cascade_matches_the_reference_thresholds() {
+        let d = Dropout::default();
+        assert_eq!(d.decide(0.0), (true, false));
+        assert_eq!(d.decide(0.049), (true, false));
+        assert_eq!(d.decide(0.05), (false, true));
+        assert_eq!(d.decide(0.2499), (false, true));
+        assert_eq!(d.decide(0.25), (true, true));
+        assert_eq!(d.decide(0.2999), (true, true));
+        assert_eq!(d.decide(0.30), (false, false));
+    }
+
+    #[test]
+    fn soft_mask_on_the_roi_equals_the_full_image_computation() {
+        // A blob near the border and one inside: the ROI shortcut must not change a pixel.
+        for (bx, by) in [(1u32, 2u32), (40, 30), (57, 61)] {
+            let mut m = GrayImage::new(64, 70);
+            for y in by..(by + 6).min(70) {
+                for x in bx..(bx + 5).min(64) {
+                    m.put_pixel(x, y, image::Luma([200]));
+                }
+            }
+            let fast = soft_mask(&m, 7).unwrap();
+            let full = ops::gaussian_blur_5x5(&ops::dilate_rect(&m, 7));
+            assert_eq!(fast.mask, full, "blob at {bx},{by}");
+            let d = ops::nonzero_bbox(&ops::dilate_rect(&m, 7)).unwrap();
+            assert_eq!(fast.bbox, [d.x0, d.y0, d.x1, d.y1]);
+        }
+    }
+}
