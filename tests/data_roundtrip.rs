@@ -1,0 +1,111 @@
+//! pack → check → read → load: what goes in comes out bit for bit.
+
+use troupe_data::check::check_shards;
+use troupe_data::image_io::DecodeLimits;
+use troupe_data::loader::{Loader, LoaderConfig};
+use troupe_data::pack::{pack_manifest, OnBadLine};
+use troupe_data::plan::SizeRule;
+use troupe_data::recipe::{Dropout, RecipeConfig};
+use troupe_data::shard::{find_shards, ShardReader, ShardWriterOptions};
+use troupe_tests::{embedding, face_keypoints, varied_rows, write_manifest_dataset};
+
+fn small_groups() -> ShardWriterOptions {
+    ShardWriterOptions { rows_per_row_group: 3, shard_rows: 7, ..ShardWriterOptions::default() }
+}
+
+#[test]
+fn packed_rows_equal_their_inputs_and_check_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = varied_rows(12);
+    let manifest = write_manifest_dataset(&dir.path().join("src"), &rows);
+    let out = dir.path().join("shards");
+    let report = pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    assert_eq!(report.rows, 12);
+    assert_eq!(report.shards.len(), 2, "7 rows per shard -> 2 shards");
+    assert!(!out.join("shard-00000.parquet.partial").exists());
+
+    let shards = find_shards(&[out.clone()]).unwrap();
+    let checked = check_shards(&shards, DecodeLimits::default(), 2);
+    assert!(checked.problems.is_empty(), "{:?}", checked.problems);
+    assert_eq!(checked.rows, 12);
+
+    let mut seen = 0;
+    for path in &shards {
+        let reader = ShardReader::open(path).unwrap();
+        assert_eq!(reader.version(), 1);
+        for g in 0..reader.num_row_groups() {
+            for (_, sample) in reader.read_row_group(g).unwrap() {
+                let s = sample.unwrap();
+                let i: usize = s.caption.strip_prefix("row ").unwrap().parse().unwrap();
+                let src = std::fs::read(dir.path().join("src").join(format!("img/{i:04}.png"))).unwrap();
+                assert_eq!(s.image.bytes, src, "image bytes are stored as given");
+                assert_eq!((s.width, s.height), (rows[i].width, rows[i].height));
+                assert_eq!(s.characters.len(), rows[i].rects.len());
+                for (j, c) in s.characters.iter().enumerate() {
+                    let want = embedding(10 * i as u32 + j as u32);
+                    assert!(c.embedding.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert_eq!(c.keypoints, face_keypoints(rows[i].rects[j]));
+                    assert_eq!(c.bbox, rows[i].rects[j]);
+                }
+                assert_eq!(s.pose.is_some(), rows[i].pose);
+                seen += 1;
+            }
+        }
+    }
+    assert_eq!(seen, 12);
+}
+
+#[test]
+fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = varied_rows(12);
+    let manifest = write_manifest_dataset(&dir.path().join("src"), &rows);
+    let out = dir.path().join("shards");
+    pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let shards = find_shards(&[out]).unwrap();
+    let no_dropout = RecipeConfig { dropout: Dropout { image: 0.0, text: 0.0, both: 0.0 }, ..RecipeConfig::default() };
+    let config = LoaderConfig {
+        batch_size: 2,
+        seed: 3,
+        shuffle_window: 5,
+        workers: 2,
+        prefetch_batches: 2,
+        size_rule: SizeRule::buckets(256 * 256, 64, 2.0),
+        recipe: no_dropout,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Loader::new(&shards, config).unwrap();
+    let mut captions = Vec::new();
+    while loader.state().epoch == 0 {
+        let b = loader.next_batch().unwrap();
+        let (n, c) = (b.len(), b.max_characters);
+        let (h, w) = (b.height as usize, b.width as usize);
+        assert_eq!(b.pixels.len(), n * 3 * h * w);
+        assert_eq!(b.masks.len(), n * c * (h / 8) * (w / 8), "masks at 1/8 resolution");
+        assert_eq!(b.char_pixels.len(), n * c * 3 * 224 * 224);
+        assert_eq!(b.face_pixels.len(), n * c * 3 * 224 * 224);
+        assert_eq!(b.time_ids.len(), n * 6);
+        assert!(b.pixels.iter().all(|v| (-1.0..=1.0).contains(v)));
+        assert!(b.masks.iter().all(|v| (0.0..=1.0).contains(v)));
+        for (k, caption) in b.captions.iter().enumerate() {
+            let i: usize = caption.strip_prefix("row ").unwrap().parse().unwrap();
+            assert_eq!(b.num_characters[k], rows[i].rects.len());
+            for j in 0..c {
+                let real = j < rows[i].rects.len();
+                assert_eq!(b.character_mask[k * c + j], if real { 1.0 } else { 0.0 });
+                let got = &b.id_embeds[(k * c + j) * 512..(k * c + j + 1) * 512];
+                if real {
+                    let want = embedding(10 * i as u32 + j as u32);
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i} char {j}");
+                    let m = &b.masks[(k * c + j) * (h / 8) * (w / 8)..(k * c + j + 1) * (h / 8) * (w / 8)];
+                    assert!(m.iter().any(|&v| v > 0.5), "a character's loss mask covers it");
+                } else {
+                    assert!(got.iter().all(|&v| v == 0.0), "padding is zero");
+                }
+            }
+            captions.push(i);
+        }
+    }
+    captions.sort();
+    assert_eq!(captions, (0..12).collect::<Vec<_>>(), "each row exactly once per epoch");
+}
