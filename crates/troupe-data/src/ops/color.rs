@@ -1,0 +1,226 @@
+//! Conversion of 8-bit RGB images to normalised CHW `f32` tensors, with the reference float
+//! operations in the reference order (bit-exact).
+
+use image::RgbImage;
+use std::sync::OnceLock;
+
+/// `OPENAI_CLIP_MEAN` of `CLIPImageProcessor`.
+pub const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// `OPENAI_CLIP_STD` of `CLIPImageProcessor`.
+pub const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+type Lut3 = [[f32; 256]; 3];
+
+fn clip_lut() -> &'static Lut3 {
+    static LUT: OnceLock<Lut3> = OnceLock::new();
+    LUT.get_or_init(|| {
+        // transformers `rescale`: (x.astype(float64) * (1/255)).astype(float32);
+        // `normalize`: (x - mean) / std with mean/std as float32 arrays, in float32.
+        let scale = 1.0f64 / 255.0;
+        std::array::from_fn(|c| {
+            let (m, s) = (CLIP_MEAN[c] as f32, CLIP_STD[c] as f32);
+            std::array::from_fn(|p| {
+                let x = (p as f64 * scale) as f32;
+                (x - m) / s
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+fn unit_lut() -> &'static [f32; 256] {
+    static LUT: OnceLock<[f32; 256]> = OnceLock::new();
+    // torchvision ToTensor: byte tensor -> float32 -> div(255) in float32.
+    LUT.get_or_init(|| std::array::from_fn(|p| p as f32 / 255.0))
+}
+
+#[cfg(test)]
+fn signed_lut() -> &'static [f32; 256] {
+    static LUT: OnceLock<[f32; 256]> = OnceLock::new();
+    // ToTensor, then Normalize(0.5, 0.5): (x - 0.5) / 0.5 in float32.
+    LUT.get_or_init(|| std::array::from_fn(|p| (p as f32 / 255.0 - 0.5) / 0.5))
+}
+
+/// Per-channel conversion, with the reference float operations (CLIP through a table built
+/// with them, the others computed directly; the tests cross-check both against tables).
+#[derive(Clone, Copy)]
+enum Conv {
+    /// `((p as f64 * (1/255)) as f32 - mean) / std` (table).
+    Clip,
+    /// `p as f32 / 255`.
+    Unit,
+    /// `(p as f32 / 255 - 0.5) / 0.5`.
+    Signed,
+}
+
+#[inline(always)]
+fn to_chw_body(src: &[u8], n: usize, out: &mut [f32], conv: Conv) {
+    let (px, _) = src.as_chunks::<3>();
+    let px = &px[..n];
+    for (c, plane) in out.chunks_exact_mut(n).enumerate() {
+        match conv {
+            Conv::Clip => {
+                // Table lookup (the f64 -> f32 conversion makes the arithmetic slower).
+                let lut = &clip_lut()[c];
+                for (o, p) in plane.iter_mut().zip(px) {
+                    *o = lut[p[c] as usize];
+                }
+            }
+            Conv::Unit => {
+                for (o, p) in plane.iter_mut().zip(px) {
+                    *o = p[c] as f32 / 255.0;
+                }
+            }
+            Conv::Signed => {
+                for (o, p) in plane.iter_mut().zip(px) {
+                    *o = (p[c] as f32 / 255.0 - 0.5) / 0.5;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn to_chw_avx2(src: &[u8], n: usize, out: &mut [f32], conv: Conv) {
+    to_chw_body(src, n, out, conv)
+}
+
+fn to_chw(img: &RgbImage, out: &mut [f32], conv: Conv, what: &str) {
+    let n = img.width() as usize * img.height() as usize;
+    assert_eq!(out.len(), 3 * n, "{what}: output must hold 3*w*h values");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above).
+        return unsafe { to_chw_avx2(img.as_raw(), n, out, conv) };
+    }
+    to_chw_body(img.as_raw(), n, out, conv)
+}
+
+/// `CLIPImageProcessor()(images=img)` pixel values for an image that is already 224×224 (its
+/// resize and centre crop are then no-ops): `(x/255 − mean) / std` per channel, CHW, written
+/// into `out` (`3·w·h` values). Bit-exact with the numpy implementation of `transformers`
+/// (rescale in float64 then cast to float32, normalise in float32).
+///
+/// # Panics
+/// If `out.len() != 3·w·h`.
+pub fn clip_normalize(img: &RgbImage, out: &mut [f32]) {
+    to_chw(img, out, Conv::Clip, "clip_normalize");
+}
+
+/// torchvision `Normalize(0.5, 0.5)(ToTensor()(img))`: CHW in `[-1, 1]`, `(x/255 − 0.5)/0.5`
+/// in float32 (≈ `x/127.5 − 1`), bit-exact with torch.
+///
+/// # Panics
+/// If `out.len() != 3·w·h`.
+pub fn to_signed_unit(img: &RgbImage, out: &mut [f32]) {
+    to_chw(img, out, Conv::Signed, "to_signed_unit");
+}
+
+/// torchvision `ToTensor()(img)`: CHW in `[0, 1]`, `x / 255` in float32.
+///
+/// # Panics
+/// If `out.len() != 3·w·h`.
+pub fn to_unit(img: &RgbImage, out: &mut [f32]) {
+    to_chw(img, out, Conv::Unit, "to_unit");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::*;
+    use super::*;
+
+    /// Image whose pixel i holds (i, 255 - i, (7 i) mod 256): all 256 values in every channel.
+    fn ramp() -> RgbImage {
+        RgbImage::from_fn(16, 16, |x, y| {
+            let i = (y * 16 + x) as u8;
+            image::Rgb([i, 255 - i, i.wrapping_mul(7)])
+        })
+    }
+
+    #[test]
+    fn layout_and_hand_values() {
+        let img = RgbImage::from_raw(2, 1, vec![0, 255, 51, 255, 0, 102]).unwrap();
+        let mut out = [0f32; 6];
+        to_unit(&img, &mut out);
+        assert_eq!(out, [0.0, 1.0, 1.0, 0.0, 0.2, 0.4]);
+        to_signed_unit(&img, &mut out);
+        assert_eq!(&out[..4], &[-1.0, 1.0, 1.0, -1.0]);
+        assert!((out[4] + 0.6).abs() < 1e-6 && (out[5] + 0.2).abs() < 1e-6);
+        clip_normalize(&img, &mut out);
+        let want = [
+            (0.0 - 0.48145466) / 0.26862954,
+            (1.0 - 0.48145466) / 0.26862954,
+            (1.0 - 0.4578275) / 0.26130258,
+            (0.0 - 0.4578275) / 0.26130258,
+            (0.2 - 0.40821073) / 0.27577711,
+            (0.4 - 0.40821073) / 0.27577711,
+        ];
+        for (a, b) in out.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn arithmetic_matches_tables_and_generic_path() {
+        let img = ramp();
+        let n = 256;
+        let (mut a, mut b) = (vec![0f32; 3 * n], vec![0f32; 3 * n]);
+        for conv in [Conv::Clip, Conv::Unit, Conv::Signed] {
+            to_chw(&img, &mut a, conv, "test");
+            to_chw_body(img.as_raw(), n, &mut b, conv);
+            assert_eq!(a, b);
+            for c in 0..3 {
+                for i in 0..n {
+                    let p = img.as_raw()[3 * i + c] as usize;
+                    let want = match conv {
+                        Conv::Clip => clip_lut()[c][p],
+                        Conv::Unit => unit_lut()[p],
+                        Conv::Signed => signed_lut()[p],
+                    };
+                    assert_eq!(a[c * n + i].to_bits(), want.to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn luts_match_numpy_bit_exactly() {
+        // Fixture: for each of CLIP (3 channels), ToTensor, ToTensor+Normalize(0.5,0.5): the 256
+        // float32 values numpy produces with the reference operation order.
+        let v = load_f32("color_luts.f32");
+        assert_eq!(v.len(), 256 * 5);
+        let img = ramp();
+        let n = 256;
+        let mut out = vec![0f32; 3 * n];
+        let idx = |c: usize, p: usize| -> usize {
+            // position in the ramp image of value p in channel c
+            (0..n)
+                .find(|&i| img.as_raw()[3 * i + c] as usize == p)
+                .unwrap()
+        };
+        clip_normalize(&img, &mut out);
+        for c in 0..3 {
+            for p in 0..256 {
+                let got = out[c * n + idx(c, p)];
+                assert_eq!(got.to_bits(), v[c * 256 + p].to_bits(), "clip c={c} p={p}");
+            }
+        }
+        to_unit(&img, &mut out);
+        for p in 0..256 {
+            assert_eq!(
+                out[idx(0, p)].to_bits(),
+                v[3 * 256 + p].to_bits(),
+                "unit p={p}"
+            );
+        }
+        to_signed_unit(&img, &mut out);
+        for p in 0..256 {
+            assert_eq!(
+                out[n + idx(1, p)].to_bits(),
+                v[4 * 256 + p].to_bits(),
+                "signed p={p}"
+            );
+        }
+    }
+}
