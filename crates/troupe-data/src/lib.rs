@@ -4,9 +4,16 @@
 //! No burn here: batches are plain `Vec<f32>` with shapes, so this crate builds fast and can be
 //! used by any trainer.
 
+pub mod bench;
+pub mod check;
 pub mod error;
 pub mod image_io;
+pub mod import;
+pub mod loader;
+pub mod ops;
+pub mod pack;
 pub mod plan;
+pub mod recipe;
 pub mod rng;
 pub mod schema;
 pub mod shard;

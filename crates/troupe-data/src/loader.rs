@@ -470,7 +470,7 @@ impl Reader {
         needed: &HashMap<RowRef, u64>,
         loaded: &mut HashMap<RowRef, Result<Arc<Sample>>>,
     ) {
-        let keep = |row: u64| {
+        let keep = |row: u64, loaded: &HashMap<RowRef, Result<Arc<Sample>>>| {
             let r = RowRef { shard, row: row as u32 };
             (needed.get(&r).is_some_and(|&b| b >= from_batch) && !loaded.contains_key(&r)).then_some(r)
         };
@@ -485,7 +485,7 @@ impl Reader {
         match rows {
             Ok(rows) => {
                 for (row, sample) in rows {
-                    if let Some(r) = keep(row) {
+                    if let Some(r) = keep(row, loaded) {
                         loaded.insert(r, sample.map(Arc::new));
                     }
                 }
@@ -494,7 +494,7 @@ impl Reader {
                 // The whole row group is unreadable: each needed row carries the error.
                 let (start, len) = self.index.shards[shard as usize].row_groups[g];
                 for row in start..start + len {
-                    if let Some(r) = keep(row) {
+                    if let Some(r) = keep(row, loaded) {
                         let mut e = e.clone();
                         e.at.row = Some(row);
                         loaded.insert(r, Err(e));

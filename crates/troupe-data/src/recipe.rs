@@ -165,7 +165,7 @@ pub fn process(
     let (w, h) = (target.width, target.height);
     let [cx, cy, cw, ch] = target.crop;
     let view = region(&image, target.crop);
-    let resized = scratch.resizer.resize_rgb(view.as_ref().unwrap_or(&image), w, h, Filter::CatmullRom);
+    let resized = resize(scratch, view.as_ref().unwrap_or(&image), w, h, Filter::CatmullRom, at)?;
     let mut pixels = vec![0.0; 3 * (w * h) as usize];
     ops::to_signed_unit(&resized, &mut pixels);
 
@@ -198,8 +198,8 @@ pub fn process(
                 kps[k] = [p[0] - x0 as f32, p[1] - y0 as f32];
             }
             let face = ops::norm_crop(&white, &kps, s);
-            let rotated = ops::rotate_nearest(&white, angles[i] as f32, [255, 255, 255]);
-            let body = scratch.resizer.resize_rgb(&rotated, s, s, Filter::Lanczos3);
+            let rotated = ops::rotate_nearest(&white, angles[i], [255, 255, 255]);
+            let body = resize(scratch, &rotated, s, s, Filter::Lanczos3, at)?;
             let mut clip_face = vec![0.0; 3 * (s * s) as usize];
             let mut clip_body = vec![0.0; 3 * (s * s) as usize];
             ops::clip_normalize(&face, &mut clip_face);
@@ -223,7 +223,7 @@ pub fn process(
                 ((ch as f64 * sy).round() as u32).clamp(1, pose.height()),
             ];
             let pose_view = region(&pose, pc);
-            let resized = scratch.resizer.resize_rgb(pose_view.as_ref().unwrap_or(&pose), w, h, Filter::Bilinear);
+            let resized = resize(scratch, pose_view.as_ref().unwrap_or(&pose), w, h, Filter::Bilinear, at)?;
             let mut out = vec![0.0; 3 * (w * h) as usize];
             ops::to_unit(&resized, &mut out);
             Some(out)
@@ -250,6 +250,10 @@ pub fn process(
         drop_text,
         time_ids,
     })
+}
+
+fn resize(scratch: &mut Scratch, img: &RgbImage, w: u32, h: u32, filter: Filter, at: &Location) -> Result<RgbImage> {
+    ops::resize_rgb(&mut scratch.resizer, img, w, h, filter).map_err(|e| DataError::new(at.clone(), e.to_string()))
 }
 
 /// `Some(copy)` of the region when it is not the whole image.
