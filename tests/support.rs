@@ -7,7 +7,7 @@ use troupe_data::image_io::encode_png_rgb;
 
 /// A unit-norm 512-vector, deterministic from `seed`.
 pub fn embedding(seed: u32) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..512).map(|i| ((i as f32 * 0.37 + seed as f32 * 1.7).sin())).collect();
+    let mut v: Vec<f32> = (0..512).map(|i| (i as f32 * 0.37 + seed as f32 * 1.7).sin()).collect();
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
     v.iter_mut().for_each(|x| *x /= n);
     v

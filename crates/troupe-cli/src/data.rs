@@ -118,19 +118,19 @@ impl OutArgs {
 pub struct BenchArgs {
     /// Shard files or folders of shards.
     #[arg(required = true)]
-    paths: Vec<PathBuf>,
+    pub paths: Vec<PathBuf>,
     /// Rows to load into memory and transform.
     #[arg(long, default_value_t = 64)]
-    samples: usize,
+    pub samples: usize,
     /// Thread counts to measure (default: 1 and all cores).
     #[arg(long, value_delimiter = ',')]
-    threads: Vec<usize>,
+    pub threads: Vec<usize>,
     /// Passes over the samples per measurement (the best pass is reported).
     #[arg(long, default_value_t = 3)]
-    repeats: usize,
+    pub repeats: usize,
     /// Print one JSON object instead of a table.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
 }
 
 fn print_problems(problems: &[DataError], max: usize) {

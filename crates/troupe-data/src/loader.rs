@@ -207,17 +207,12 @@ impl Loader {
     /// The next batch; epochs follow one another without end.
     pub fn next_batch(&mut self) -> Result<Batch> {
         loop {
-            if self.pipeline.as_ref().is_none_or(|p| p.next == p.plan.batches.len() as u64) {
-                if let Some(p) = self.pipeline.take() {
-                    // Epoch finished: continue with the next one.
-                    self.state.epoch = p.plan.epoch + 1;
-                    self.state.batch = 0;
-                }
+            if self.pipeline.is_none() {
                 self.start_epoch()?;
-                continue;
             }
             let p = self.pipeline.as_mut().expect("started above");
-            let batch_index = p.next;
+            let (epoch, batch_index) = (p.plan.epoch, p.next);
+            let epoch_len = p.plan.batches.len() as u64;
             let results = p.take(batch_index)?;
             let mut ok = Vec::with_capacity(results.len());
             for r in results {
@@ -233,12 +228,19 @@ impl Loader {
                     }
                 }
             }
+            // The position is where the next batch comes from, so the end of an epoch is
+            // (epoch + 1, 0).
             self.state.batch = batch_index + 1;
+            if self.state.batch == epoch_len {
+                self.state.epoch = epoch + 1;
+                self.state.batch = 0;
+                self.pipeline = None;
+            }
             if ok.is_empty() {
                 continue;
             }
             self.state.samples += ok.len() as u64;
-            return Ok(assemble(self.state.epoch, batch_index, ok, &self.config.recipe));
+            return Ok(assemble(epoch, batch_index, ok, &self.config.recipe));
         }
     }
 

@@ -105,7 +105,11 @@ impl ShardWriter {
         Ok(Self {
             dir: dir.to_path_buf(),
             options,
-            schema: Arc::new(schema::arrow_schema()),
+            // The `huggingface` key must sit in the Arrow schema's own metadata: pyarrow (and so
+            // `datasets`) reads schema metadata from the embedded Arrow schema.
+            schema: Arc::new(schema::arrow_schema().with_metadata(
+                [(schema::META_HF.to_string(), schema::hf_features_json())].into_iter().collect::<std::collections::HashMap<_, _>>(),
+            )),
             open: None,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -161,7 +165,6 @@ impl ShardWriter {
         let kv = vec![
             KeyValue::new(schema::META_VERSION.into(), schema::SCHEMA_VERSION.to_string()),
             KeyValue::new(schema::META_PRODUCER.into(), self.options.producer.clone()),
-            KeyValue::new(schema::META_HF.into(), schema::hf_features_json()),
         ];
         // Images are already compressed; snappy only helps the small columns and costs little.
         let props = WriterProperties::builder()
