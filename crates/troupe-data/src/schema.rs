@@ -103,30 +103,32 @@ pub fn image_type() -> DataType {
 
 /// The fields of one character struct.
 pub fn character_fields() -> Fields {
-    let f32_list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, false)));
-    let i32_list = DataType::List(Arc::new(Field::new_list_field(DataType::Int32, false)));
+    let f32_list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
+    let i32_list = DataType::List(Arc::new(Field::new_list_field(DataType::Int32, true)));
     Fields::from(vec![
-        Field::new(col::EMBEDDING, f32_list.clone(), false),
-        Field::new(col::KEYPOINTS, f32_list, false),
-        Field::new(col::MASK, image_type(), false),
-        Field::new(col::BBOX, i32_list, false),
+        Field::new(col::EMBEDDING, f32_list.clone(), true),
+        Field::new(col::KEYPOINTS, f32_list, true),
+        Field::new(col::MASK, image_type(), true),
+        Field::new(col::BBOX, i32_list, true),
     ])
 }
 
 /// The Arrow type of the `characters` column.
 pub fn characters_type() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Struct(character_fields()), false)))
+    DataType::List(Arc::new(Field::new_list_field(DataType::Struct(character_fields()), true)))
 }
 
-/// The Arrow schema of a v1 shard (without file metadata).
+/// The Arrow schema of a v1 shard (without file metadata). Every field is nullable because
+/// Hugging Face `datasets` only applies its feature types to fields equal to the ones it
+/// generates, which are nullable; the reader rejects nulls where a value is required.
 pub fn arrow_schema() -> Schema {
     Schema::new(vec![
-        Field::new(col::ID, DataType::Utf8, false),
-        Field::new(col::IMAGE, image_type(), false),
-        Field::new(col::WIDTH, DataType::Int32, false),
-        Field::new(col::HEIGHT, DataType::Int32, false),
-        Field::new(col::CAPTION, DataType::Utf8, false),
-        Field::new(col::CHARACTERS, characters_type(), false),
+        Field::new(col::ID, DataType::Utf8, true),
+        Field::new(col::IMAGE, image_type(), true),
+        Field::new(col::WIDTH, DataType::Int32, true),
+        Field::new(col::HEIGHT, DataType::Int32, true),
+        Field::new(col::CAPTION, DataType::Utf8, true),
+        Field::new(col::CHARACTERS, characters_type(), true),
         Field::new(col::POSE, image_type(), true),
     ])
 }

@@ -205,7 +205,7 @@ fn image_array<'a>(images: impl Iterator<Item = Option<&'a EncodedImage>>) -> St
 }
 
 fn list_array(values: ArrayRef, lengths: impl Iterator<Item = usize>) -> ListArray {
-    let field = Arc::new(Field::new_list_field(values.data_type().clone(), false));
+    let field = Arc::new(Field::new_list_field(values.data_type().clone(), true));
     ListArray::new(field, OffsetBuffer::from_lengths(lengths), values, None)
 }
 
