@@ -7,6 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use troupe_data::check::{check_shards, stats};
 use troupe_data::image_io::DecodeLimits;
+use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
+use troupe_data::plan::SizeRule;
 use troupe_data::pack::{pack_manifest, OnBadLine, PackReport};
 use troupe_data::shard::{find_shards, ShardWriterOptions};
 use troupe_data::DataError;
@@ -69,6 +71,27 @@ pub enum DataCommand {
         #[arg(long, default_value_t = 64)]
         rows_per_row_group: usize,
     },
+    /// Stream batches through the training loader and print what each holds.
+    Preview {
+        /// Shard files or folders of shards.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Batches to print.
+        #[arg(long, default_value_t = 8)]
+        batches: usize,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+        /// Run seed (shuffles, augmentations, dropout).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Aspect buckets of this area (e.g. 1048576 for 1024²) instead of the reference resize rule.
+        #[arg(long)]
+        bucket_area: Option<u32>,
+        /// What to do with a row that cannot be used.
+        #[arg(long, value_enum, default_value_t = BadRow::Fail)]
+        on_bad_row: BadRow,
+    },
     /// Benchmark the per-sample recipe (samples/s at 1 thread and at all cores) and the loader.
     Bench(crate::data::BenchArgs),
 }
@@ -90,7 +113,7 @@ pub struct OutArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum BadRow {
+pub enum BadRow {
     /// Stop at the first bad row; remove the shards written by this run.
     Fail,
     /// Leave bad rows out; report each one.
@@ -208,6 +231,41 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             for s in &shards {
                 println!("wrote {} ({} rows, {:.2} MiB)", s.path.display(), s.rows, s.bytes as f64 / (1 << 20) as f64);
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        DataCommand::Preview { paths, batches, batch_size, seed, bucket_area, on_bad_row } => {
+            let shards = find_shards(&paths)?;
+            let config = LoaderConfig {
+                batch_size,
+                seed,
+                size_rule: bucket_area.map_or_else(SizeRule::reference, |a| SizeRule::buckets(a, 64, 2.0)),
+                on_bad_row: match on_bad_row {
+                    BadRow::Fail => BadRowPolicy::Fail,
+                    BadRow::Skip => BadRowPolicy::Skip,
+                },
+                ..LoaderConfig::default()
+            };
+            let mut loader = Loader::new(&shards, config)?;
+            println!("{} rows in {} shard(s)", loader.num_rows(), shards.len());
+            for _ in 0..batches {
+                let b = loader.next_batch()?;
+                for e in loader.take_skipped() {
+                    eprintln!("skipped: {e}");
+                }
+                let dropped = b.drop_image.iter().filter(|d| **d).count();
+                let no_text = b.drop_text.iter().filter(|d| **d).count();
+                println!(
+                    "epoch {} batch {:>3}: {} x {}x{}  characters {:?}  image/text dropped {dropped}/{no_text}  ids {}",
+                    b.epoch,
+                    b.index,
+                    b.len(),
+                    b.width,
+                    b.height,
+                    b.num_characters,
+                    b.ids.join(",")
+                );
+            }
+            println!("position: {}", serde_json::to_string(loader.state())?);
             Ok(ExitCode::SUCCESS)
         }
         DataCommand::Bench(args) => crate::bench::run(args),
