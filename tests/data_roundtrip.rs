@@ -3,28 +3,44 @@
 use troupe_data::check::check_shards;
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{Loader, LoaderConfig};
-use troupe_data::pack::{pack_manifest, OnBadLine};
+use troupe_data::pack::{pack_manifest, read_npy_f32, OnBadLine, PackReport};
 use troupe_data::plan::SizeRule;
 use troupe_data::recipe::{Dropout, RecipeConfig};
 use troupe_data::shard::{find_shards, ShardReader, ShardWriterOptions};
-use troupe_tests::{embedding, face_keypoints, varied_rows, write_manifest_dataset};
+use troupe_tests::{embedding, face_keypoints, npy, npy_f32, varied_rows, write_manifest_dataset};
 
 fn small_groups() -> ShardWriterOptions {
     ShardWriterOptions { rows_per_row_group: 3, shard_rows: 7, ..ShardWriterOptions::default() }
 }
 
+/// Packs `varied_rows(12)` under `dir`; returns the rows and the shard folder.
+fn packed(dir: &std::path::Path) -> (Vec<troupe_tests::ManifestRow>, std::path::PathBuf, PackReport) {
+    let rows = varied_rows(12);
+    let manifest = write_manifest_dataset(&dir.join("src"), &rows);
+    let out = dir.join("shards");
+    let report = pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    (rows, out, report)
+}
+
+#[test]
+fn npy_float32_and_float64_read_exactly() {
+    let v = [0.5f32, -1.25, 3.0];
+    assert_eq!(read_npy_f32(&npy_f32(&v, "(1, 3)")).unwrap(), v);
+    let f64s: Vec<u8> = v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
+    assert_eq!(read_npy_f32(&npy("<f8", "(3,)", &f64s)).unwrap(), v);
+    assert!(read_npy_f32(&npy("<i8", "(3,)", &f64s)).unwrap_err().contains("<i8"));
+    assert!(read_npy_f32(b"not numpy").is_err());
+}
+
 #[test]
 fn packed_rows_equal_their_inputs_and_check_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = varied_rows(12);
-    let manifest = write_manifest_dataset(&dir.path().join("src"), &rows);
-    let out = dir.path().join("shards");
-    let report = pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let (rows, out, report) = packed(dir.path());
     assert_eq!(report.rows, 12);
     assert_eq!(report.shards.len(), 2, "7 rows per shard -> 2 shards");
     assert!(!out.join("shard-00000.parquet.partial").exists());
 
-    let shards = find_shards(&[out.clone()]).unwrap();
+    let shards = find_shards(std::slice::from_ref(&out)).unwrap();
     let checked = check_shards(&shards, DecodeLimits::default(), 2);
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
     assert_eq!(checked.rows, 12);
@@ -58,10 +74,7 @@ fn packed_rows_equal_their_inputs_and_check_clean() {
 #[test]
 fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
     let dir = tempfile::tempdir().unwrap();
-    let rows = varied_rows(12);
-    let manifest = write_manifest_dataset(&dir.path().join("src"), &rows);
-    let out = dir.path().join("shards");
-    pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let (rows, out, _) = packed(dir.path());
     let shards = find_shards(&[out]).unwrap();
     let no_dropout = RecipeConfig { dropout: Dropout { image: 0.0, text: 0.0, both: 0.0 }, ..RecipeConfig::default() };
     let config = LoaderConfig {

@@ -15,7 +15,12 @@ pub fn embedding(seed: u32) -> Vec<f32> {
 
 /// A `.npy` file of float32 values with the given shape text, e.g. "(1, 512)".
 pub fn npy_f32(values: &[f32], shape: &str) -> Vec<u8> {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+    npy("<f4", shape, &values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>())
+}
+
+/// A `.npy` file with dtype `descr` (e.g. "<f8"), shape text and raw little-endian data.
+pub fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
     }
@@ -23,7 +28,7 @@ pub fn npy_f32(values: &[f32], shape: &str) -> Vec<u8> {
     let mut out = b"\x93NUMPY\x01\x00".to_vec();
     out.extend((header.len() as u16).to_le_bytes());
     out.extend(header.as_bytes());
-    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    out.extend(data);
     out
 }
 

@@ -243,32 +243,3 @@ pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
         other => Err(format!("dtype `{other}` is not supported; use float32 or float64")),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn npy(descr: &str, shape: &str, data: &[u8]) -> Vec<u8> {
-        let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
-        while (10 + header.len() + 1) % 64 != 0 {
-            header.push(' ');
-        }
-        header.push('\n');
-        let mut out = b"\x93NUMPY\x01\x00".to_vec();
-        out.extend((header.len() as u16).to_le_bytes());
-        out.extend(header.as_bytes());
-        out.extend(data);
-        out
-    }
-
-    #[test]
-    fn npy_float32_and_float64_read_exactly() {
-        let v = [0.5f32, -1.25, 3.0];
-        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        assert_eq!(read_npy_f32(&npy("<f4", "(1, 3)", &bytes)).unwrap(), v);
-        let bytes: Vec<u8> = v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
-        assert_eq!(read_npy_f32(&npy("<f8", "(3,)", &bytes)).unwrap(), v);
-        assert!(read_npy_f32(&npy("<i8", "(3,)", &bytes)).unwrap_err().contains("<i8"));
-        assert!(read_npy_f32(b"not numpy").is_err());
-    }
-}

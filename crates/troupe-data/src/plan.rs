@@ -55,7 +55,7 @@ impl DatasetIndex {
             shards.push(ShardEntry { path: path.clone(), row_groups, sizes });
         }
         if shards.iter().all(|s| s.sizes.is_empty()) {
-            let at = paths.first().map(|p| Location::file(p)).unwrap_or_default();
+            let at = paths.first().map(Location::file).unwrap_or_default();
             return Err(DataError::new(at, "the dataset has no rows"));
         }
         Ok(Self { shards })
@@ -331,7 +331,7 @@ mod tests {
     fn buckets_crop_to_the_bucket_aspect() {
         let rule = SizeRule::buckets(1024 * 1024, 64, 2.0);
         let t = rule.target(2000, 1000).unwrap();
-        assert!(t.width > t.height && t.width % 64 == 0 && t.height % 64 == 0);
+        assert!(t.width > t.height && t.width.is_multiple_of(64) && t.height.is_multiple_of(64));
         let [x, y, w, h] = t.crop;
         assert_eq!((y, h), (0, 1000));
         assert_eq!(x, (2000 - w) / 2);
