@@ -3,6 +3,7 @@
 
 mod bench;
 mod data;
+mod debug;
 
 use std::process::ExitCode;
 
@@ -21,12 +22,16 @@ enum Command {
     /// Dataset tools: pack, import, check, inspect and benchmark shards.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Debugging tools: inspect model components (e.g. `tokenize`).
+    #[command(subcommand)]
+    Debug(debug::DebugCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Debug(cmd) => debug::run(cmd),
     };
     match result {
         Ok(code) => code,
