@@ -98,7 +98,7 @@ def configs(pad: str) -> tuple[dict, dict]:
     stm = {
         "bos_token": tok("<|startoftext|>", True),
         "eos_token": tok("<|endoftext|>", False),
-        "pad_token": tok(pad, False) if pad == "!" else tok(pad, False),
+        "pad_token": tok(pad, False),
         "unk_token": tok("<|endoftext|>", False),
     }
     return cfg, stm

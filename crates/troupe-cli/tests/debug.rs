@@ -32,7 +32,8 @@ fn tokenizer_2(tmp: &Path) -> PathBuf {
 fn tokenize_prints_77_ids_per_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tokenizer_2(tmp.path());
-    let out = troupe(&["debug", "tokenize", "--model", dir.to_str().unwrap(), "a photo of a cat", ""]);
+    let out =
+        troupe(&["debug", "tokenize", "--model", dir.to_str().unwrap(), "a photo of a cat", ""]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();

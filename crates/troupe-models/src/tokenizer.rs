@@ -45,14 +45,15 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{
-    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior, Tokenizer,
-    TruncationDirection, TruncationParams, TruncationStrategy,
+    AddedToken, PaddingDirection, PaddingParams, PaddingStrategy, SplitDelimiterBehavior,
+    Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
 };
 
 /// Sequence length SDXL's text encoders take, used when `tokenizer_config.json` gives none.
@@ -254,11 +255,12 @@ impl ClipTokenizer {
                 })?;
             (Tokenizer::new(bpe), vocab)
         };
-        let invalid = |message: String| TokenizerError::Invalid { path: model_path.clone(), message };
+        let invalid =
+            |message: String| TokenizerError::Invalid { path: model_path.clone(), message };
 
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
-            Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
                 .map_err(|e| invalid(e.to_string()))?
                 .into(),
             Lowercase.into(),
@@ -309,9 +311,9 @@ impl ClipTokenizer {
 
         let id_of = |key: &str| -> Result<u32, TokenizerError> {
             let content = &specials[key].content;
-            tokenizer.token_to_id(content).ok_or_else(|| {
-                invalid(format!("{key} {content:?} is not in the vocabulary"))
-            })
+            tokenizer
+                .token_to_id(content)
+                .ok_or_else(|| invalid(format!("{key} {content:?} is not in the vocabulary")))
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;

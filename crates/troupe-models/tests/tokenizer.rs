@@ -73,7 +73,10 @@ fn compare(tok: &ClipTokenizer, folder: &str) -> (usize, usize) {
         if got == c.expected {
             matched += 1;
         } else {
-            eprintln!("{folder}: MISMATCH {:?}\n  got      {got:?}\n  expected {:?}", c.prompt, c.expected);
+            eprintln!(
+                "{folder}: MISMATCH {:?}\n  got      {got:?}\n  expected {:?}",
+                c.prompt, c.expected
+            );
         }
     }
     eprintln!("{folder}: {matched}/{} prompts match transformers exactly", cases.len());
@@ -84,7 +87,10 @@ fn compare(tok: &ClipTokenizer, folder: &str) -> (usize, usize) {
 fn tokenizer_matches_transformers() {
     let tmp = materialise();
     let tok = ClipTokenizer::from_dir(&tmp.path().join("tokenizer")).unwrap();
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()), (49406, 49407, 49407, 77));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()),
+        (49406, 49407, 49407, 77)
+    );
     let (matched, total) = compare(&tok, "tokenizer");
     assert!(total > 300, "fixture has only {total} prompts");
     assert_eq!(matched, total);
@@ -186,8 +192,14 @@ fn defaults_without_configs() {
     fs::remove_file(d.join("tokenizer_config.json")).unwrap();
     fs::remove_file(d.join("special_tokens_map.json")).unwrap();
     let tok = ClipTokenizer::from_dir(&d).unwrap();
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()), (49406, 49407, 49407, 77));
-    assert_eq!(&tok.encode("a photo of a cat")[..8], &[49406, 320, 1125, 539, 320, 2368, 49407, 49407]);
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()),
+        (49406, 49407, 49407, 77)
+    );
+    assert_eq!(
+        &tok.encode("a photo of a cat")[..8],
+        &[49406, 320, 1125, 539, 320, 2368, 49407, 49407]
+    );
 }
 
 #[test]
