@@ -214,20 +214,9 @@ impl ResamplerConfig {
             device,
         )
         .div_scalar((self.dim as f64).sqrt());
-        Resampler {
-            latents: Param::from_tensor(latents),
-            proj_in: linear(self.embedding_dim, self.dim, true, device),
-            proj_out: linear(self.dim, self.output_dim, true, device),
-            norm_out: layer_norm(self.output_dim, device),
-            layers: blocks(
-                self.dim,
-                self.depth,
-                self.dim_head,
-                self.heads,
-                self.ff_mult,
-                device,
-            ),
-        }
+        // The same blocks as the face resampler, plus learned queries.
+        let FacePerceiverResampler { proj_in, proj_out, norm_out, layers } = self.init_face(device);
+        Resampler { latents: Param::from_tensor(latents), proj_in, proj_out, norm_out, layers }
     }
 
     /// Builds a [`FacePerceiverResampler`] with random weights (`num_queries` unused).
