@@ -29,7 +29,7 @@ pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
                 .with_context(|| format!("loading the tokenizer in {}", model.display()))?;
             let mut out = std::io::stdout().lock();
             for prompt in &prompts {
-                let ids = tok.try_encode(prompt)?;
+                let ids = tok.encode(prompt)?;
                 let line: Vec<String> = ids.iter().map(u32::to_string).collect();
                 writeln!(out, "{}", line.join(" "))?;
             }

@@ -349,16 +349,8 @@ impl ClipTokenizer {
 
     /// Encodes one prompt into exactly [`max_length`](Self::max_length) ids (77 for SDXL):
     /// BOS, BPE ids (truncated to `max_length - 2`), EOS, padding.
-    ///
-    /// # Panics
-    /// If the underlying tokenizer fails, which byte-level BPE over a loaded vocabulary does not
-    /// do; use [`try_encode`](Self::try_encode) to get the error instead.
-    pub fn encode(&self, prompt: &str) -> Vec<u32> {
-        self.try_encode(prompt).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    /// Like [`encode`](Self::encode), returning tokenizer failures as errors.
-    pub fn try_encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
+    /// A prompt is user input, so a tokenizer failure is an error naming it, never a panic.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
         let enc = self.tokenizer.encode(prompt, true).map_err(|e| TokenizerError::Encode {
             prompt: prompt.to_owned(),
             message: e.to_string(),
@@ -370,12 +362,11 @@ impl ClipTokenizer {
 
     /// Encodes several prompts; the result is in prompt order, each [`max_length`](Self::max_length)
     /// long.
-    pub fn encode_batch(&self, prompts: &[&str]) -> Vec<Vec<u32>> {
-        let encs = self
-            .tokenizer
-            .encode_batch(prompts.to_vec(), true)
-            .unwrap_or_else(|e| panic!("encoding a batch of {} prompts: {e}", prompts.len()));
-        encs.into_iter().map(|e| e.get_ids().to_vec()).collect()
+    pub fn encode_batch(&self, prompts: &[&str]) -> Result<Vec<Vec<u32>>, TokenizerError> {
+        let encs = self.tokenizer.encode_batch(prompts.to_vec(), true).map_err(|e| {
+            TokenizerError::Encode { prompt: format!("(a batch of {} prompts)", prompts.len()), message: e.to_string() }
+        })?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 
     /// Id used to pad after EOS (49407 for SDXL's `tokenizer/`, 0 for `tokenizer_2/`).
