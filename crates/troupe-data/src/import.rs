@@ -9,10 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{imageops::FilterType, GrayImage, RgbImage};
+use image::{imageops::FilterType, RgbImage};
 
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{decode_rgb, probe, DecodeLimits};
+use crate::ops::color_masks;
 use crate::pack::{build_sample, write_shards, CharacterInput, OnBadLine, PackReport};
 use crate::recipe::soft_mask;
 use crate::schema::{EncodedImage, Sample, EMBEDDING_DIM, MAX_CHARACTERS};
@@ -114,8 +115,7 @@ fn import_entry(entry: &Entry, base: &Path, at: &Location, limits: DecodeLimits)
     let faceid_dir = base.join(required(5, "faceid_dir").map_err(one)?);
 
     let mut characters = Vec::with_capacity(n);
-    for (i, colour) in SLOT_COLOURS.iter().enumerate().take(n) {
-        let mask = GrayImage::from_fn(w, h, |x, y| image::Luma([if mask_rgb.get_pixel(x, y).0 == *colour { 255 } else { 0 }]));
+    for (i, ((mask, _), colour)) in color_masks(&mask_rgb, &SLOT_COLOURS[..n]).into_iter().zip(SLOT_COLOURS).enumerate() {
         let Some(crop) = soft_mask(&mask, CROP_DILATION) else {
             return Err(one(DataError::new(
                 field_at("mask"),

@@ -313,6 +313,41 @@ mod tests {
         assert_ne!(a, plan_epoch(&idx, &opts, 1).0.batches, "epochs are shuffled differently");
     }
 
+    /// The reference rule's (w, h), with (0, 0) where a side rounds to 0 (no target).
+    /// Cases are hand-computed and from Python (`scripts/make_ops_expected.py`).
+    fn reference_size(w: u32, h: u32) -> (u32, u32) {
+        SizeRule::reference().target(w, h).map_or((0, 0), |t| (t.width, t.height))
+    }
+
+    #[test]
+    fn reference_sizes_hand_computed() {
+        // 1024x1024: scale = min(1286/1024, 960/1024) = 0.9375 -> 960 -> 960.
+        assert_eq!(reference_size(1024, 1024), (960, 960));
+        // 1280x960: min(1.0047, 1.0) = 1 -> (1280, 960) -> 1280 is a multiple of 64.
+        assert_eq!(reference_size(1280, 960), (1280, 960));
+        // 853x640: scale 1.5 (960/640 < 1286/853=1.5076) -> 1279.5 rounds to even 1280 -> 1280;
+        // 960 -> 960.
+        assert_eq!(reference_size(853, 640), (1280, 960));
+        // 855x640: 1282.5 -> 1282 (half to even) -> 1280.
+        assert_eq!(reference_size(855, 640), (1280, 960));
+        // Portrait 768x1024: min(1286/1024=1.2559, 960/768=1.25) = 1.25 -> 960x1280.
+        assert_eq!(reference_size(768, 1024), (960, 1280));
+        // Very wide 2000x500: min(0.643, 1.92) = 0.643 -> 1286 -> 1280; 321.5 -> 322 -> 320.
+        assert_eq!(reference_size(2000, 500), (1280, 320));
+    }
+
+    #[test]
+    fn reference_sizes_match_python() {
+        let t = crate::ops::testutil::load_table("reference_sizes.txt");
+        assert!(t.len() > 20);
+        for r in &t {
+            let v: Vec<u32> = r.iter().map(|s| s.parse().unwrap()).collect();
+            // A side that rounds to 0 makes the row unplaceable (reported as too small).
+            let want = if v[2] == 0 || v[3] == 0 { (0, 0) } else { (v[2], v[3]) };
+            assert_eq!(reference_size(v[0], v[1]), want, "{v:?}");
+        }
+    }
+
     #[test]
     fn reference_rule_matches_storymaker_arithmetic() {
         let r = SizeRule::reference();

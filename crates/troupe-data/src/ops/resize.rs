@@ -759,58 +759,10 @@ pub fn resize_mask_bilinear(mask: &GrayImage, w: u32, h: u32) -> Vec<f32> {
         .collect()
 }
 
-// ---------------------------------------------------------------------------------------------
-// StoryMaker training size
-// ---------------------------------------------------------------------------------------------
-
-/// StoryMaker training target size (reference §5.2, GT image): `scale = min(1286 / long,
-/// 960 / short)`, each side `round(side · scale)` (Python `round`, i.e. half to even, in f64),
-/// then floored to a multiple of 64. The scale may exceed 1 (small images are upscaled). Returns
-/// `(w, h)`; a side can be 0 for images under ~32 px — callers must reject those.
-pub fn reference_resize_size(w: u32, h: u32) -> (u32, u32) {
-    if w == 0 || h == 0 {
-        return (0, 0);
-    }
-    let (long, short) = (w.max(h) as f64, w.min(h) as f64);
-    let scale = (1286.0 / long).min(960.0 / short);
-    let side = |s: u32| {
-        let r = (s as f64 * scale).round_ties_even() as u32;
-        r / 64 * 64
-    };
-    (side(w), side(h))
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
     use super::*;
-
-    #[test]
-    fn reference_sizes_hand_computed() {
-        // 1024x1024: scale = min(1286/1024, 960/1024) = 0.9375 -> 960 -> 960.
-        assert_eq!(reference_resize_size(1024, 1024), (960, 960));
-        // 1280x960: min(1.0047, 1.0) = 1 -> (1280, 960) -> 1280 is a multiple of 64.
-        assert_eq!(reference_resize_size(1280, 960), (1280, 960));
-        // 853x640: scale 1.5 (960/640 < 1286/853=1.5076) -> 1279.5 rounds to even 1280 -> 1280;
-        // 960 -> 960.
-        assert_eq!(reference_resize_size(853, 640), (1280, 960));
-        // 855x640: 1282.5 -> 1282 (half to even) -> 1280.
-        assert_eq!(reference_resize_size(855, 640), (1280, 960));
-        // Portrait 768x1024: min(1286/1024=1.2559, 960/768=1.25) = 1.25 -> 960x1280.
-        assert_eq!(reference_resize_size(768, 1024), (960, 1280));
-        // Very wide 2000x500: min(0.643, 1.92) = 0.643 -> 1286 -> 1280; 321.5 -> 322 -> 320.
-        assert_eq!(reference_resize_size(2000, 500), (1280, 320));
-    }
-
-    #[test]
-    fn reference_sizes_match_python() {
-        let t = load_table("reference_sizes.txt");
-        assert!(t.len() > 20);
-        for r in &t {
-            let v: Vec<u32> = r.iter().map(|s| s.parse().unwrap()).collect();
-            assert_eq!(reference_resize_size(v[0], v[1]), (v[2], v[3]), "{v:?}");
-        }
-    }
 
     #[test]
     fn mask_resize_hand_made() {
