@@ -10,6 +10,7 @@
 //!
 //! Tensors stored as F32, F16, BF16 or F64 are converted to f32.
 
+use troupe_pt::{DType, Tensor as PtTensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -85,31 +86,17 @@ impl StateDict {
         let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
         let mut tensors = BTreeMap::new();
         for (key, view) in st.tensors() {
-            let data = view.data();
-            let values: Vec<f32> = match view.dtype() {
-                Dtype::F32 => data
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::F64 => data
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-                    .collect(),
-                Dtype::F16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::BF16 => data
-                    .chunks_exact(2)
-                    .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(WeightError::Dtype {
-                        key,
-                        dtype: format!("{other:?}"),
-                    });
-                }
+            // One conversion path for every weight file: troupe-pt's tensor (also used for .bin).
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F64 => DType::F64,
+                Dtype::F16 => DType::F16,
+                Dtype::BF16 => DType::BF16,
+                other => return Err(WeightError::Dtype { key, dtype: format!("{other:?}") }),
             };
+            let values = PtTensor::new(dtype, view.shape().to_vec(), view.data().to_vec())
+                .and_then(|t| t.to_f32_vec())
+                .map_err(|e| WeightError::Format(format!("{key}: {e}")))?;
             tensors.insert(key, (view.shape().to_vec(), values));
         }
         Ok(Self { tensors })
