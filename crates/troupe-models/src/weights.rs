@@ -10,7 +10,6 @@
 //!
 //! Tensors stored as F32, F16, BF16 or F64 are converted to f32.
 
-use troupe_pt::{DType, Tensor as PtTensor};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -18,6 +17,7 @@ use burn::module::Param;
 use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
+use troupe_pt::{DType, Tensor as PtTensor};
 
 use crate::ppr::FaceIdPlus;
 use crate::resampler::{
