@@ -1,12 +1,13 @@
 //! StoryMaker's Positional-aware Perceiver Resampler (PPR), PyTorch class `faceid_plus`
 //! (`ip_adapter/ip_adapter_faceid.py`). Field names mirror the PyTorch attributes so the
-//! released state-dict keys map one to one (see [`crate::weights`]).
+//! released state-dict keys map one to one (see [`FaceIdPlus::load`]).
 
 use burn::module::Param;
 use burn::nn::{Gelu, LayerNorm, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::resampler::{FacePerceiverResampler, Resampler, ResamplerConfig, layer_norm, linear};
+use crate::weights::{StateDict, WeightError, join};
 
 /// Sizes of [`FaceIdPlus`]; defaults are StoryMaker SDXL's.
 #[derive(Config, Debug)]
@@ -194,5 +195,35 @@ impl FaceIdPlus {
         let cat = Tensor::cat(vec![out, clip], 1) + pos; // [B, T, D]
         let res = self.norm_out.forward(self.proj_out.forward(cat.clone())) + cat; // [B, T, D]
         Tensor::cat(vec![self.bg_embed.val(), res], 0) // [1+B, T, D]
+    }
+}
+
+impl FaceIdPlus {
+    /// Loads the `image_proj_model` state dict (keys of storymaker.md §3.3, no prefix) from a
+    /// `.safetensors` file into this module (shapes come from its config). Every key must be
+    /// used exactly once.
+    pub fn load_state_dict(self, path: impl AsRef<std::path::Path>) -> Result<Self, WeightError> {
+        self.load_from(StateDict::from_file(path)?)
+    }
+
+    /// Like [`Self::load_state_dict`], from an opened [`StateDict`].
+    pub fn load_from(mut self, mut sd: StateDict) -> Result<Self, WeightError> {
+        self.load(&mut sd, "");
+        sd.finish("PPR (faceid_plus)")?;
+        Ok(self)
+    }
+
+    /// Loads the keys under `prefix` (`""` or `image_proj_model`), recording problems in `sd`.
+    pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        sd.param(&mut self.pos_embed, &join(prefix, "pos_embed"));
+        sd.param(&mut self.bg_embed, &join(prefix, "bg_embed"));
+        sd.linear(&mut self.proj.fc1, &join(prefix, "proj.0"));
+        sd.linear(&mut self.proj.fc2, &join(prefix, "proj.2"));
+        sd.layer_norm(&mut self.norm, &join(prefix, "norm"));
+        sd.linear(&mut self.proj_out, &join(prefix, "proj_out"));
+        sd.layer_norm(&mut self.norm_out, &join(prefix, "norm_out"));
+        self.perceiver_resampler
+            .load(sd, &join(prefix, "perceiver_resampler"));
+        self.resample.load(sd, &join(prefix, "resample"));
     }
 }

@@ -14,6 +14,8 @@ use burn::tensor::FloatDType;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Distribution};
 
+use crate::weights::{StateDict, join};
+
 /// LayerNorm epsilon used everywhere in the PPR (torch default).
 pub const LN_EPS: f64 = 1e-5;
 
@@ -272,5 +274,54 @@ impl FacePerceiverResampler {
             latents = layer.forward(x.clone(), latents); // [B, L, dim]
         }
         self.norm_out.forward(self.proj_out.forward(latents)) // [B, L, output_dim]
+    }
+}
+
+impl FeedForward {
+    /// Loads `{prefix}.0` (norm), `.1` (up), `.3` (down).
+    pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        sd.layer_norm(&mut self.norm, &join(prefix, "0"));
+        sd.linear(&mut self.up, &join(prefix, "1"));
+        sd.linear(&mut self.down, &join(prefix, "3"));
+    }
+}
+
+impl PerceiverAttention {
+    /// Loads `norm1`, `norm2`, `to_q`, `to_kv`, `to_out` under `prefix`.
+    pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        sd.layer_norm(&mut self.norm1, &join(prefix, "norm1"));
+        sd.layer_norm(&mut self.norm2, &join(prefix, "norm2"));
+        sd.linear(&mut self.to_q, &join(prefix, "to_q"));
+        sd.linear(&mut self.to_kv, &join(prefix, "to_kv"));
+        sd.linear(&mut self.to_out, &join(prefix, "to_out"));
+    }
+}
+
+fn load_blocks(layers: &mut [PerceiverBlock], sd: &mut StateDict, prefix: &str) {
+    for (i, block) in layers.iter_mut().enumerate() {
+        let p = join(prefix, &format!("layers.{i}"));
+        block.attn.load(sd, &join(&p, "0"));
+        block.ff.load(sd, &join(&p, "1"));
+    }
+}
+
+impl Resampler {
+    /// Loads an IP-Adapter-plus `Resampler` state dict under `prefix`.
+    pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        sd.param(&mut self.latents, &join(prefix, "latents"));
+        sd.linear(&mut self.proj_in, &join(prefix, "proj_in"));
+        sd.linear(&mut self.proj_out, &join(prefix, "proj_out"));
+        sd.layer_norm(&mut self.norm_out, &join(prefix, "norm_out"));
+        load_blocks(&mut self.layers, sd, prefix);
+    }
+}
+
+impl FacePerceiverResampler {
+    /// Loads a `FacePerceiverResampler` state dict under `prefix`.
+    pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        sd.linear(&mut self.proj_in, &join(prefix, "proj_in"));
+        sd.linear(&mut self.proj_out, &join(prefix, "proj_out"));
+        sd.layer_norm(&mut self.norm_out, &join(prefix, "norm_out"));
+        load_blocks(&mut self.layers, sd, prefix);
     }
 }

@@ -1,28 +1,42 @@
-//! Loading PyTorch state dicts (safetensors) into the burn modules of this crate.
+//! Loading PyTorch state dicts (safetensors, diffusers/transformers folders) into burn modules.
 //!
-//! Choice: an own loader over the `safetensors` crate rather than burn-store. It keeps the
-//! dependency set to burn's `std` + `flex` features, gives exact error messages (missing /
-//! unexpected key by name, shape mismatch with key, expected and found shapes) and makes the
-//! PyTorch → burn layout differences explicit:
+//! Choice: an own loader over the `safetensors` crate + `memmap2` rather than burn-store. It
+//! keeps burn's feature set small, reports *every* missing / unexpected / mis-shaped key by name
+//! in one error (what a user fixing a checkpoint needs), and makes the PyTorch → burn layout
+//! differences explicit in one place:
 //! * torch `Linear.weight` is `(out, in)`, burn's is `(in, out)` → transposed on load;
-//! * torch LayerNorm `weight`/`bias` → burn `gamma`/`beta`;
-//! * `Sequential`/`ModuleList` indices → named fields (see [`crate::resampler`], [`crate::ppr`]).
+//! * torch LayerNorm/GroupNorm `weight`/`bias` → burn `gamma`/`beta`;
+//! * `Sequential`/`ModuleList` indices → named fields (each module documents its mapping).
 //!
-//! Tensors stored as F32, F16, BF16 or F64 are converted to f32.
+//! Memory: files are memory-mapped and each tensor is copied once, straight into the parameter
+//! it replaces. Modules are created with burn's lazy parameters, so the random initialisation
+//! of a model that is then loaded never runs: loading an SDXL UNet holds one copy of the
+//! weights, plus one tensor in flight. With [`StateDict::with_dtype`]`(None)` half-precision
+//! weights stay half precision.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, Linear};
+use burn::nn::conv::Conv2d;
+use burn::nn::{Embedding, GroupNorm, LayerNorm, Linear};
 use burn::prelude::*;
+use burn::tensor::{DType, TensorCreationOptions};
+use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
-use troupe_pt::{DType, Tensor as PtTensor};
 
-use crate::ppr::FaceIdPlus;
-use crate::resampler::{
-    FacePerceiverResampler, FeedForward, PerceiverAttention, PerceiverBlock, Resampler,
-};
+/// A tensor whose shape differs from what the module expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeMismatch {
+    /// State-dict key.
+    pub key: String,
+    /// Shape the module expects (PyTorch layout).
+    pub expected: Vec<usize>,
+    /// Shape in the file.
+    pub found: Vec<usize>,
+}
 
 /// Errors while loading a state dict.
 #[derive(Debug, thiserror::Error)]
@@ -35,115 +49,555 @@ pub enum WeightError {
         /// Underlying error.
         source: std::io::Error,
     },
-    /// The file is not valid safetensors.
-    #[error("parsing safetensors: {0}")]
-    Format(String),
+    /// The file is not valid safetensors (or a broken shard index).
+    #[error("{path}: {message}")]
+    Format {
+        /// File path.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor has a dtype this loader does not convert.
-    #[error("tensor `{key}` has unsupported dtype {dtype}")]
+    #[error("{path}: tensor `{key}` has unsupported dtype {dtype}")]
     Dtype {
+        /// File path.
+        path: String,
         /// State-dict key.
         key: String,
         /// The stored dtype.
         dtype: String,
     },
-    /// A key the module needs is absent.
-    #[error("missing key `{0}`")]
-    MissingKey(String),
-    /// Keys present in the file that the module does not use.
-    #[error("unexpected keys: {}", .0.join(", "))]
-    UnexpectedKeys(Vec<String>),
-    /// A tensor has the wrong shape (PyTorch layout).
-    #[error("shape mismatch for `{key}`: expected {expected:?}, found {found:?}")]
-    Shape {
+    /// A single key the caller asked for is absent.
+    #[error("{path}: missing key `{key}`")]
+    MissingKey {
+        /// File path.
+        path: String,
         /// State-dict key.
         key: String,
-        /// Shape the module expects (PyTorch layout).
-        expected: Vec<usize>,
-        /// Shape in the file.
-        found: Vec<usize>,
+    },
+    /// A single tensor the caller asked for has the wrong shape.
+    #[error("{path}: `{}` has shape {:?}, expected {:?}", .mismatch.key, .mismatch.found, .mismatch.expected)]
+    Shape {
+        /// File path.
+        path: String,
+        /// The mismatch.
+        mismatch: ShapeMismatch,
+    },
+    /// The file does not match the module: every problem is listed.
+    #[error("{path} does not match the {module}:{}", keys_report(.missing, .unexpected, .shapes))]
+    Keys {
+        /// File path.
+        path: String,
+        /// What was being loaded (e.g. "UNet2DConditionModel").
+        module: String,
+        /// Keys the module needs that the file lacks.
+        missing: Vec<String>,
+        /// Keys in the file the module does not use.
+        unexpected: Vec<String>,
+        /// Keys whose shapes differ.
+        shapes: Vec<ShapeMismatch>,
     },
 }
 
-/// A PyTorch state dict held in memory as f32 arrays, consumed key by key.
-#[derive(Debug, Default)]
+fn keys_report(missing: &[String], unexpected: &[String], shapes: &[ShapeMismatch]) -> String {
+    const SHOWN: usize = 20;
+    let mut s = String::new();
+    let mut list = |title: &str, items: Vec<String>| {
+        if items.is_empty() {
+            return;
+        }
+        let _ = write!(s, "\n  {title} ({}):", items.len());
+        for item in items.iter().take(SHOWN) {
+            let _ = write!(s, "\n    {item}");
+        }
+        if items.len() > SHOWN {
+            let _ = write!(s, "\n    … and {} more", items.len() - SHOWN);
+        }
+    };
+    list("missing keys", missing.to_vec());
+    list("unexpected keys", unexpected.to_vec());
+    list(
+        "shape mismatches",
+        shapes
+            .iter()
+            .map(|m| format!("{}: file {:?}, model {:?}", m.key, m.found, m.expected))
+            .collect(),
+    );
+    s
+}
+
+/// Stored element type of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StoredDType {
+    /// float32
+    F32,
+    /// float16
+    F16,
+    /// bfloat16
+    BF16,
+    /// float64 (converted on load)
+    F64,
+}
+
+impl StoredDType {
+    fn from_safetensors(d: Dtype) -> Option<Self> {
+        Some(match d {
+            Dtype::F32 => Self::F32,
+            Dtype::F16 => Self::F16,
+            Dtype::BF16 => Self::BF16,
+            Dtype::F64 => Self::F64,
+            _ => return None,
+        })
+    }
+
+    /// The burn dtype a tensor keeps when loaded with `with_dtype(None)`.
+    pub fn burn(self) -> DType {
+        match self {
+            Self::F32 | Self::F64 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+
+    /// Lower-case name as in PyTorch (`float16`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+            Self::F64 => "float64",
+        }
+    }
+}
+
+enum Backing {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+struct Entry {
+    dtype: StoredDType,
+    shape: Vec<usize>,
+    backing: usize,
+    range: Range<usize>,
+}
+
+/// What [`StateDict::finish`] reports about a complete, matching load.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// Tensors consumed.
+    pub tensors: usize,
+    /// Elements in those tensors.
+    pub parameters: u64,
+    /// Tensors per stored dtype.
+    pub dtypes: BTreeMap<StoredDType, usize>,
+}
+
+/// A PyTorch state dict (one safetensors file or a sharded set), consumed key by key.
+///
+/// Module loaders (`linear`, `conv2d`, …) *record* problems and go on, so one load reports every
+/// missing, unexpected and mis-shaped key at [`StateDict::finish`]. In check-only mode
+/// ([`StateDict::check_only`]) nothing is read or allocated: only names and shapes are compared.
 pub struct StateDict {
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    path: String,
+    backings: Vec<Backing>,
+    entries: BTreeMap<String, Entry>,
+    dtype: Option<DType>,
+    check_only: bool,
+    missing: Vec<String>,
+    shapes: Vec<ShapeMismatch>,
+    report: LoadReport,
+}
+
+impl std::fmt::Debug for StateDict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDict")
+            .field("path", &self.path)
+            .field("tensors", &self.entries.len())
+            .finish()
+    }
 }
 
 impl StateDict {
-    /// Reads every tensor of a `.safetensors` file.
+    fn empty(path: String) -> Self {
+        Self {
+            path,
+            backings: Vec::new(),
+            entries: BTreeMap::new(),
+            dtype: Some(DType::F32),
+            check_only: false,
+            missing: Vec::new(),
+            shapes: Vec::new(),
+            report: LoadReport::default(),
+        }
+    }
+
+    /// Memory-maps one `.safetensors` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, WeightError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|source| WeightError::Io {
-            path: path.display().to_string(),
+        let mut sd = Self::empty(path.display().to_string());
+        sd.add_file(path)?;
+        Ok(sd)
+    }
+
+    /// Opens the weights `{stem}.safetensors` in `dir`, or the shards listed by
+    /// `{stem}.safetensors.index.json` (diffusers/transformers sharding). Falls back to the
+    /// `{stem}.fp16.safetensors` variant when only that exists.
+    pub fn from_dir(dir: impl AsRef<Path>, stem: &str) -> Result<Self, WeightError> {
+        let dir = dir.as_ref();
+        for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+            let file = dir.join(&name);
+            if file.is_file() {
+                return Self::from_file(file);
+            }
+        }
+        for name in [
+            format!("{stem}.safetensors.index.json"),
+            format!("{stem}.safetensors.index.fp16.json"),
+        ] {
+            let index = dir.join(&name);
+            if index.is_file() {
+                return Self::from_index(&index);
+            }
+        }
+        Err(WeightError::Io {
+            path: dir.join(format!("{stem}.safetensors")).display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no {stem}.safetensors (or sharded index) in this folder"),
+            ),
+        })
+    }
+
+    /// Opens every shard named in a `*.safetensors.index.json` (`weight_map` key → file).
+    pub fn from_index(index: &Path) -> Result<Self, WeightError> {
+        let path = index.display().to_string();
+        let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
+            path: path.clone(),
             source,
         })?;
-        Self::from_bytes(&bytes)
-    }
-
-    /// Parses a safetensors buffer.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WeightError> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| WeightError::Format(e.to_string()))?;
-        let mut tensors = BTreeMap::new();
-        for (key, view) in st.tensors() {
-            // One conversion path for every weight file: troupe-pt's tensor (also used for .bin).
-            let dtype = match view.dtype() {
-                Dtype::F32 => DType::F32,
-                Dtype::F64 => DType::F64,
-                Dtype::F16 => DType::F16,
-                Dtype::BF16 => DType::BF16,
-                other => return Err(WeightError::Dtype { key, dtype: format!("{other:?}") }),
-            };
-            let values = PtTensor::new(dtype, view.shape().to_vec(), view.data().to_vec())
-                .and_then(|t| t.to_f32_vec())
-                .map_err(|e| WeightError::Format(format!("{key}: {e}")))?;
-            tensors.insert(key, (view.shape().to_vec(), values));
+        let format = |message: String| WeightError::Format {
+            path: path.clone(),
+            message,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format(e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| format("no `weight_map` object".into()))?;
+        let mut shards = BTreeSet::new();
+        for (key, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| format(format!("weight_map[{key}] is not a file name")))?;
+            shards.insert(file.to_string());
         }
-        Ok(Self { tensors })
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut sd = Self::empty(path.clone());
+        for shard in &shards {
+            sd.add_file(&dir.join(shard))?;
+        }
+        for key in map.keys() {
+            if !sd.entries.contains_key(key) {
+                return Err(format(format!("`{key}` is listed but in no shard")));
+            }
+        }
+        Ok(sd)
     }
 
-    /// Keys still unconsumed, sorted.
+    /// Parses an in-memory safetensors buffer.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, WeightError> {
+        let mut sd = Self::empty("<memory>".into());
+        sd.add_backing(Backing::Owned(bytes), "<memory>")?;
+        Ok(sd)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<(), WeightError> {
+        let io = |source| WeightError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is read-only; a file truncated by another process while mapped
+        // would fault, the usual caveat of every mmap-based weight loader (safetensors, candle).
+        let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        self.add_backing(Backing::Mapped(map), &path.display().to_string())
+    }
+
+    fn add_backing(&mut self, backing: Backing, path: &str) -> Result<(), WeightError> {
+        let bytes = backing.bytes();
+        let format = |message: String| WeightError::Format {
+            path: path.to_string(),
+            message,
+        };
+        let (header_len, meta) =
+            SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
+        let data_start = 8 + header_len;
+        let index = self.backings.len();
+        for (key, info) in meta.tensors() {
+            let dtype = StoredDType::from_safetensors(info.dtype).ok_or_else(|| {
+                WeightError::Dtype {
+                    path: path.to_string(),
+                    key: key.clone(),
+                    dtype: format!("{:?}", info.dtype),
+                }
+            })?;
+            if self.entries.contains_key(&key) {
+                return Err(format(format!("`{key}` appears in more than one shard")));
+            }
+            let (a, b) = info.data_offsets;
+            self.entries.insert(
+                key,
+                Entry {
+                    dtype,
+                    shape: info.shape.clone(),
+                    backing: index,
+                    range: data_start + a..data_start + b,
+                },
+            );
+        }
+        self.backings.push(backing);
+        Ok(())
+    }
+
+    /// Sets the dtype tensors are created with: `Some(F32)` (default) converts everything to
+    /// f32; `None` keeps each tensor's stored float type (f16 stays f16).
+    pub fn with_dtype(mut self, dtype: Option<DType>) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Compares names and shapes only: module loaders read and allocate nothing.
+    pub fn check_only(mut self) -> Self {
+        self.check_only = true;
+        self
+    }
+
+    /// The file (or index) this state dict was read from.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Keys not consumed yet, sorted.
     pub fn keys(&self) -> Vec<String> {
-        self.tensors.keys().cloned().collect()
+        self.entries.keys().cloned().collect()
     }
 
-    /// Removes a key (e.g. to test error reporting).
+    /// Shape of an unconsumed key.
+    pub fn shape(&self, key: &str) -> Option<&[usize]> {
+        self.entries.get(key).map(|e| e.shape.as_slice())
+    }
+
+    /// Stored dtype of an unconsumed key.
+    pub fn stored_dtype(&self, key: &str) -> Option<StoredDType> {
+        self.entries.get(key).map(|e| e.dtype)
+    }
+
+    /// Count of each stored dtype among unconsumed keys.
+    pub fn dtype_counts(&self) -> BTreeMap<StoredDType, usize> {
+        let mut counts = BTreeMap::new();
+        for e in self.entries.values() {
+            *counts.entry(e.dtype).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Removes a key (a buffer that is not a parameter, or to test error reporting).
     pub fn remove(&mut self, key: &str) -> bool {
-        self.tensors.remove(key).is_some()
+        self.entries.remove(key).is_some()
     }
 
-    /// Takes `key`, checking its PyTorch-layout shape, as a tensor on `device`.
+    /// Takes `key` as a tensor on `device`, requiring exactly the PyTorch-layout `expected`
+    /// shape. For inputs and single tensors; module loaders use the recording methods.
     pub fn take<const D: usize>(
         &mut self,
         key: &str,
         expected: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>, WeightError> {
-        let (shape, values) = self
-            .tensors
-            .remove(key)
-            .ok_or_else(|| WeightError::MissingKey(key.to_string()))?;
-        if shape != expected {
-            return Err(WeightError::Shape {
-                key: key.to_string(),
-                expected: expected.to_vec(),
-                found: shape,
-            });
+        let found = self.shape(key).map(<[usize]>::to_vec);
+        match found {
+            None => Err(WeightError::MissingKey {
+                path: self.path.clone(),
+                key: key.into(),
+            }),
+            Some(found) if found != expected => Err(WeightError::Shape {
+                path: self.path.clone(),
+                mismatch: ShapeMismatch {
+                    key: key.into(),
+                    expected: expected.to_vec(),
+                    found,
+                },
+            }),
+            Some(_) => self.take_any(key, device),
         }
-        Ok(Tensor::from_data(TensorData::new(values, expected), device))
     }
 
-    /// Errors with [`WeightError::UnexpectedKeys`] if any key was not consumed.
-    pub fn finish(self) -> Result<(), WeightError> {
-        if self.tensors.is_empty() {
-            Ok(())
-        } else {
-            Err(WeightError::UnexpectedKeys(self.keys()))
+    /// Takes `key` with whatever shape it has (its rank must be `D`).
+    pub fn take_any<const D: usize>(
+        &mut self,
+        key: &str,
+        device: &Device,
+    ) -> Result<Tensor<D>, WeightError> {
+        let entry = self.entries.remove(key).ok_or_else(|| WeightError::MissingKey {
+            path: self.path.clone(),
+            key: key.into(),
+        })?;
+        if entry.shape.len() != D {
+            return Err(WeightError::Format {
+                path: self.path.clone(),
+                message: format!("`{key}` has rank {}, expected {D}", entry.shape.len()),
+            });
         }
+        Ok(self.materialise(&entry, device))
+    }
+
+    fn materialise<const D: usize>(&mut self, e: &Entry, device: &Device) -> Tensor<D> {
+        let bytes = &self.backings[e.backing].bytes()[e.range.clone()];
+        let data = match e.dtype {
+            StoredDType::F32 => TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F32),
+            StoredDType::F16 => TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F16),
+            StoredDType::BF16 => {
+                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::BF16)
+            }
+            StoredDType::F64 => {
+                let v: Vec<f32> = bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+                    .collect();
+                TensorData::new(v, e.shape.clone())
+            }
+        };
+        let dtype = self.dtype.unwrap_or(e.dtype.burn());
+        self.report.tensors += 1;
+        self.report.parameters += e.shape.iter().product::<usize>() as u64;
+        *self.report.dtypes.entry(e.dtype).or_default() += 1;
+        Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype))
+    }
+
+    /// Replaces `p` by `key`, which must have the PyTorch shape `torch_shape`; `to_burn` maps the
+    /// loaded tensor to the parameter's layout. Problems are recorded, not returned.
+    fn load_with<const D: usize>(
+        &mut self,
+        p: &mut Param<Tensor<D>>,
+        key: &str,
+        torch_shape: [usize; D],
+        to_burn: impl FnOnce(Tensor<D>) -> Tensor<D>,
+    ) {
+        let Some(entry) = self.entries.remove(key) else {
+            self.missing.push(key.to_string());
+            return;
+        };
+        if entry.shape != torch_shape {
+            self.shapes.push(ShapeMismatch {
+                key: key.to_string(),
+                expected: torch_shape.to_vec(),
+                found: entry.shape,
+            });
+            return;
+        }
+        if self.check_only {
+            self.report.tensors += 1;
+            self.report.parameters += entry.shape.iter().product::<usize>() as u64;
+            *self.report.dtypes.entry(entry.dtype).or_default() += 1;
+            return;
+        }
+        let t = to_burn(self.materialise(&entry, &p.lazy_device()));
+        *p = p.clone().transform_for_load(t, p.id);
+    }
+
+    /// Loads a parameter stored in the same layout as burn's.
+    pub fn param<const D: usize>(&mut self, p: &mut Param<Tensor<D>>, key: &str) {
+        let shape: [usize; D] = p.lazy_shape().dims();
+        self.load_with(p, key, shape, |t| t);
+    }
+
+    /// torch `Linear` at `prefix`: `weight (out, in)` transposed to burn's `(in, out)`, `bias`.
+    pub fn linear(&mut self, l: &mut Linear, prefix: &str) {
+        let [d_in, d_out] = l.weight.lazy_shape().dims();
+        self.load_with(&mut l.weight, &join(prefix, "weight"), [d_out, d_in], |t| {
+            t.transpose()
+        });
+        if let Some(b) = l.bias.as_mut() {
+            self.param(b, &join(prefix, "bias"));
+        }
+    }
+
+    /// torch `LayerNorm` at `prefix`: `weight` → gamma, `bias` → beta.
+    pub fn layer_norm(&mut self, n: &mut LayerNorm, prefix: &str) {
+        self.param(&mut n.gamma, &join(prefix, "weight"));
+        if let Some(b) = n.beta.as_mut() {
+            self.param(b, &join(prefix, "bias"));
+        }
+    }
+
+    /// torch `GroupNorm` at `prefix`: `weight` → gamma, `bias` → beta.
+    pub fn group_norm(&mut self, n: &mut GroupNorm, prefix: &str) {
+        if let Some(g) = n.gamma.as_mut() {
+            self.param(g, &join(prefix, "weight"));
+        }
+        if let Some(b) = n.beta.as_mut() {
+            self.param(b, &join(prefix, "bias"));
+        }
+    }
+
+    /// torch `Conv2d` at `prefix` (same `(out, in/groups, kh, kw)` layout as burn).
+    pub fn conv2d(&mut self, c: &mut Conv2d, prefix: &str) {
+        self.param(&mut c.weight, &join(prefix, "weight"));
+        if let Some(b) = c.bias.as_mut() {
+            self.param(b, &join(prefix, "bias"));
+        }
+    }
+
+    /// torch `Embedding` at `prefix` (same `(n, d)` layout as burn).
+    pub fn embedding(&mut self, e: &mut Embedding, prefix: &str) {
+        self.param(&mut e.weight, &join(prefix, "weight"));
+    }
+
+    /// Ends a module load: `Ok` with what was loaded if every key matched and was used,
+    /// otherwise one error listing all missing, unexpected and mis-shaped keys.
+    pub fn finish(self, module: &str) -> Result<LoadReport, WeightError> {
+        if self.missing.is_empty() && self.shapes.is_empty() && self.entries.is_empty() {
+            return Ok(self.report);
+        }
+        Err(WeightError::Keys {
+            path: self.path.clone(),
+            module: module.to_string(),
+            missing: self.missing,
+            unexpected: self.entries.into_keys().collect(),
+            shapes: self.shapes,
+        })
+    }
+
+    /// Like [`Self::finish`] but leaves unused keys in place (for files holding several
+    /// modules, e.g. an adapter file with `image_proj_model.*` and `ip_adapter.*`). Missing or
+    /// mis-shaped keys are still an error.
+    pub fn finish_part(&mut self, module: &str) -> Result<(), WeightError> {
+        if self.missing.is_empty() && self.shapes.is_empty() {
+            return Ok(());
+        }
+        Err(WeightError::Keys {
+            path: self.path.clone(),
+            module: module.to_string(),
+            missing: std::mem::take(&mut self.missing),
+            unexpected: Vec::new(),
+            shapes: std::mem::take(&mut self.shapes),
+        })
     }
 }
 
-fn join(prefix: &str, name: &str) -> String {
+/// Joins a key prefix and a name with a dot (an empty prefix adds nothing).
+pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
         name.to_string()
     } else {
@@ -151,123 +605,15 @@ fn join(prefix: &str, name: &str) -> String {
     }
 }
 
-/// Replaces a parameter by `{key}` with the same shape.
-fn load_param<const D: usize>(
-    p: &mut Param<Tensor<D>>,
-    sd: &mut StateDict,
-    key: &str,
-) -> Result<(), WeightError> {
-    let cur = p.val();
-    *p = Param::from_tensor(sd.take(key, cur.dims(), &cur.device())?);
-    Ok(())
-}
-
-/// torch `Linear` at `prefix`: `weight (out, in)` transposed into burn's `(in, out)`, optional `bias`.
-pub fn load_linear(l: &mut Linear, sd: &mut StateDict, prefix: &str) -> Result<(), WeightError> {
-    let w = l.weight.val();
-    let [d_in, d_out] = w.dims();
-    let t: Tensor<2> = sd.take(&join(prefix, "weight"), [d_out, d_in], &w.device())?;
-    l.weight = Param::from_tensor(t.transpose()); // [in, out]
-    if let Some(b) = l.bias.as_mut() {
-        load_param(b, sd, &join(prefix, "bias"))?;
-    }
-    Ok(())
-}
-
-/// torch `LayerNorm` at `prefix`: `weight` → gamma, `bias` → beta.
-pub fn load_layer_norm(
-    n: &mut LayerNorm,
-    sd: &mut StateDict,
-    prefix: &str,
-) -> Result<(), WeightError> {
-    load_param(&mut n.gamma, sd, &join(prefix, "weight"))?;
-    if let Some(b) = n.beta.as_mut() {
-        load_param(b, sd, &join(prefix, "bias"))?;
-    }
-    Ok(())
-}
-
-fn load_ff(ff: &mut FeedForward, sd: &mut StateDict, prefix: &str) -> Result<(), WeightError> {
-    load_layer_norm(&mut ff.norm, sd, &join(prefix, "0"))?;
-    load_linear(&mut ff.up, sd, &join(prefix, "1"))?;
-    load_linear(&mut ff.down, sd, &join(prefix, "3"))
-}
-
-fn load_attn(
-    a: &mut PerceiverAttention,
-    sd: &mut StateDict,
-    prefix: &str,
-) -> Result<(), WeightError> {
-    load_layer_norm(&mut a.norm1, sd, &join(prefix, "norm1"))?;
-    load_layer_norm(&mut a.norm2, sd, &join(prefix, "norm2"))?;
-    load_linear(&mut a.to_q, sd, &join(prefix, "to_q"))?;
-    load_linear(&mut a.to_kv, sd, &join(prefix, "to_kv"))?;
-    load_linear(&mut a.to_out, sd, &join(prefix, "to_out"))
-}
-
-fn load_blocks(
-    layers: &mut [PerceiverBlock],
-    sd: &mut StateDict,
-    prefix: &str,
-) -> Result<(), WeightError> {
-    for (i, block) in layers.iter_mut().enumerate() {
-        let p = join(prefix, &format!("layers.{i}"));
-        load_attn(&mut block.attn, sd, &join(&p, "0"))?;
-        load_ff(&mut block.ff, sd, &join(&p, "1"))?;
-    }
-    Ok(())
-}
-
-/// Loads an IP-Adapter-plus `Resampler` state dict under `prefix`.
-pub fn load_resampler(
-    r: &mut Resampler,
-    sd: &mut StateDict,
-    prefix: &str,
-) -> Result<(), WeightError> {
-    load_param(&mut r.latents, sd, &join(prefix, "latents"))?;
-    load_linear(&mut r.proj_in, sd, &join(prefix, "proj_in"))?;
-    load_linear(&mut r.proj_out, sd, &join(prefix, "proj_out"))?;
-    load_layer_norm(&mut r.norm_out, sd, &join(prefix, "norm_out"))?;
-    load_blocks(&mut r.layers, sd, prefix)
-}
-
-/// Loads a `FacePerceiverResampler` state dict under `prefix`.
-pub fn load_face_resampler(
-    r: &mut FacePerceiverResampler,
-    sd: &mut StateDict,
-    prefix: &str,
-) -> Result<(), WeightError> {
-    load_linear(&mut r.proj_in, sd, &join(prefix, "proj_in"))?;
-    load_linear(&mut r.proj_out, sd, &join(prefix, "proj_out"))?;
-    load_layer_norm(&mut r.norm_out, sd, &join(prefix, "norm_out"))?;
-    load_blocks(&mut r.layers, sd, prefix)
-}
-
-impl FaceIdPlus {
-    /// Loads the `image_proj_model` state dict (keys of storymaker.md §3.3, no prefix) from a
-    /// `.safetensors` file into this module (shapes come from its config). Every key must be
-    /// used exactly once.
-    pub fn load_state_dict(self, path: impl AsRef<Path>) -> Result<Self, WeightError> {
-        let sd = StateDict::from_file(path)?;
-        self.load_from(sd)
-    }
-
-    /// Like [`Self::load_state_dict`], from an in-memory [`StateDict`].
-    pub fn load_from(mut self, mut sd: StateDict) -> Result<Self, WeightError> {
-        load_param(&mut self.pos_embed, &mut sd, "pos_embed")?;
-        load_param(&mut self.bg_embed, &mut sd, "bg_embed")?;
-        load_linear(&mut self.proj.fc1, &mut sd, "proj.0")?;
-        load_linear(&mut self.proj.fc2, &mut sd, "proj.2")?;
-        load_layer_norm(&mut self.norm, &mut sd, "norm")?;
-        load_linear(&mut self.proj_out, &mut sd, "proj_out")?;
-        load_layer_norm(&mut self.norm_out, &mut sd, "norm_out")?;
-        load_face_resampler(
-            &mut self.perceiver_resampler,
-            &mut sd,
-            "perceiver_resampler",
-        )?;
-        load_resampler(&mut self.resample, &mut sd, "resample")?;
-        sd.finish()?;
-        Ok(self)
+/// Path of a file inside a model folder, checked to exist.
+pub fn model_file(dir: &Path, name: &str) -> Result<PathBuf, WeightError> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(WeightError::Io {
+            path: p.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+        })
     }
 }

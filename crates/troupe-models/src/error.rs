@@ -1,0 +1,38 @@
+//! Errors shared by the model loaders: a bad config value (file and field named) or a weight
+//! file that does not match the model.
+
+use crate::weights::WeightError;
+
+/// A config file value this crate cannot build, with the file and field it came from.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{path}: {}{message}", if .field.is_empty() { String::new() } else { format!("field `{}` ", .field) })]
+pub struct ConfigError {
+    /// The config file.
+    pub path: String,
+    /// The field (empty when the file as a whole is unreadable).
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A problem with `field` of the config at `path`.
+    pub fn new(path: &str, field: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: path.to_string(),
+            field: field.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Any failure to build or load a model component.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// The config is unreadable or unsupported.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The weights are unreadable or do not match.
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+}
