@@ -4,9 +4,18 @@
 //!   two text encoders consume.
 //! * [`resampler`]: perceiver resampler building blocks (burn modules).
 //! * [`ppr`]: StoryMaker's PPR (`faceid_plus`) image-projection model (burn modules).
-//! * [`weights`]: loading PyTorch safetensors state dicts into those modules.
+//! * [`unet`]: diffusers `UNet2DConditionModel` from its `config.json` (SD 1.x/2.x/SDXL layouts),
+//!   built from [`resnet`], [`transformer`] and [`attention`] blocks; [`attention`] also holds
+//!   StoryMaker's LoRA + decoupled image cross-attention processors.
+//! * [`weights`]: loading PyTorch safetensors state dicts (single, sharded, f32/f16/bf16) into
+//!   those modules; [`error`]: config and weight errors.
 
+pub mod attention;
+pub mod error;
 pub mod ppr;
 pub mod resampler;
+pub mod resnet;
 pub mod tokenizer;
+pub mod transformer;
+pub mod unet;
 pub mod weights;
