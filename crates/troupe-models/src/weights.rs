@@ -137,6 +137,10 @@ pub enum StoredDType {
     BF16,
     /// float64 (converted on load)
     F64,
+    /// int64 (inputs such as token ids; never a parameter)
+    I64,
+    /// int32 (inputs; never a parameter)
+    I32,
 }
 
 impl StoredDType {
@@ -146,6 +150,8 @@ impl StoredDType {
             Dtype::F16 => Self::F16,
             Dtype::BF16 => Self::BF16,
             Dtype::F64 => Self::F64,
+            Dtype::I64 => Self::I64,
+            Dtype::I32 => Self::I32,
             _ => return None,
         })
     }
@@ -153,7 +159,7 @@ impl StoredDType {
     /// The burn dtype a tensor keeps when loaded with `with_dtype(None)`.
     pub fn burn(self) -> DType {
         match self {
-            Self::F32 | Self::F64 => DType::F32,
+            Self::F32 | Self::F64 | Self::I64 | Self::I32 => DType::F32,
             Self::F16 => DType::F16,
             Self::BF16 => DType::BF16,
         }
@@ -166,6 +172,8 @@ impl StoredDType {
             Self::F16 => "float16",
             Self::BF16 => "bfloat16",
             Self::F64 => "float64",
+            Self::I64 => "int64",
+            Self::I32 => "int32",
         }
     }
 }
@@ -462,6 +470,32 @@ impl StateDict {
         Ok(self.materialise(&entry, device))
     }
 
+    /// Takes an integer tensor (int64 or int32, e.g. `input_ids`) with whatever shape it has.
+    pub fn take_int<const D: usize>(
+        &mut self,
+        key: &str,
+        device: &Device,
+    ) -> Result<Tensor<D, Int>, WeightError> {
+        let path = self.path.clone();
+        let entry = self.entries.remove(key).ok_or_else(|| WeightError::MissingKey {
+            path: path.clone(),
+            key: key.into(),
+        })?;
+        if entry.shape.len() != D || !matches!(entry.dtype, StoredDType::I64 | StoredDType::I32) {
+            return Err(WeightError::Format {
+                path,
+                message: format!(
+                    "`{key}` is {} with rank {}, expected an integer tensor of rank {D}",
+                    entry.dtype.name(),
+                    entry.shape.len()
+                ),
+            });
+        }
+        let bytes = &self.backings[entry.backing].bytes()[entry.range.clone()];
+        let values = int_values(bytes, entry.dtype);
+        Ok(Tensor::from_data(TensorData::new(values, entry.shape), device))
+    }
+
     fn materialise<const D: usize>(&mut self, e: &Entry, device: &Device) -> Tensor<D> {
         let bytes = &self.backings[e.backing].bytes()[e.range.clone()];
         let data = match e.dtype {
@@ -476,6 +510,10 @@ impl StateDict {
                     .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
                     .collect();
                 TensorData::new(v, e.shape.clone())
+            }
+            // Integer tensors only reach here as inputs read with `take_any`: as floats.
+            StoredDType::I64 | StoredDType::I32 => {
+                TensorData::new(int_values(bytes, e.dtype).into_iter().map(|v| v as f32).collect(), e.shape.clone())
             }
         };
         let dtype = self.dtype.unwrap_or(e.dtype.burn());
@@ -596,6 +634,19 @@ impl StateDict {
     }
 }
 
+fn int_values(bytes: &[u8], dtype: StoredDType) -> Vec<i64> {
+    match dtype {
+        StoredDType::I32 => bytes
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+            .collect(),
+        _ => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    }
+}
+
 /// Joins a key prefix and a name with a dot (an empty prefix adds nothing).
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
@@ -616,4 +667,73 @@ pub fn model_file(dir: &Path, name: &str) -> Result<PathBuf, WeightError> {
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
         })
     }
+}
+
+/// Copies a tensor to the host as an f32 [`troupe_pt::Tensor`] (PyTorch layout as is).
+pub fn to_host<const D: usize>(t: Tensor<D>) -> troupe_pt::Tensor {
+    let shape = t.dims().to_vec();
+    let values = t
+        .cast(burn::tensor::FloatDType::F32)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("an f32 tensor reads back as f32");
+    troupe_pt::Tensor::from_f32(shape, &values).expect("shape matches the values")
+}
+
+struct HostView<'a>(&'a troupe_pt::Tensor);
+
+impl safetensors::View for HostView<'_> {
+    fn dtype(&self) -> Dtype {
+        use troupe_pt::DType as P;
+        match self.0.dtype {
+            P::F64 => Dtype::F64,
+            P::F32 => Dtype::F32,
+            P::F16 => Dtype::F16,
+            P::BF16 => Dtype::BF16,
+            P::I64 => Dtype::I64,
+            P::I32 => Dtype::I32,
+            P::I16 => Dtype::I16,
+            P::I8 => Dtype::I8,
+            P::U8 => Dtype::U8,
+            P::Bool => Dtype::BOOL,
+        }
+    }
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.0.data)
+    }
+    fn data_len(&self) -> usize {
+        self.0.data.len()
+    }
+}
+
+/// Writes named host tensors (any dtype) and string metadata as a `.safetensors` file,
+/// atomically: a temporary file in the same folder, fsync, rename.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, troupe_pt::Tensor)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<(), WeightError> {
+    let shown = path.display().to_string();
+    let views = tensors.iter().map(|(k, t)| (k.as_str(), HostView(t)));
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| WeightError::Format {
+        path: shown.clone(),
+        message: e.to_string(),
+    })?;
+    let io = |source| WeightError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)
 }
