@@ -20,6 +20,37 @@ pub enum DebugCommand {
         #[arg(required = true)]
         prompts: Vec<String>,
     },
+    /// Time UNet forward passes of a config with random weights (no weight files needed);
+    /// `scripts/bench_unet.py` runs diffusers on the same config and prints the ratio.
+    BenchUnet(BenchUnetArgs),
+}
+
+#[derive(clap::Args)]
+pub struct BenchUnetArgs {
+    /// A diffusers `unet/config.json`.
+    #[arg(long)]
+    config: PathBuf,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Latent height.
+    #[arg(long, default_value_t = 32)]
+    height: usize,
+    /// Latent width.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// Text tokens in `encoder_hidden_states`.
+    #[arg(long, default_value_t = 77)]
+    seq: usize,
+    /// Timed forward passes (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    /// Untimed warm-up passes.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
@@ -35,5 +66,59 @@ pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        DebugCommand::BenchUnet(args) => bench_unet(args),
     }
+}
+
+fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
+    use burn::prelude::*;
+    use burn::tensor::Distribution;
+    use troupe_models::attention::AttnContext;
+    use troupe_models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
+
+    let config = UNet2DConditionConfig::from_file(&args.config)?;
+    let device = Device::flex();
+    let unet = UNet2DConditionModel::new(&config, &device)?;
+    let b = args.batch;
+    let cross = config.down_blocks(&args.config.display().to_string())?[0].cross_attention_dim;
+    let normal = Distribution::Normal(0.0, 1.0);
+    let input = || UNetInput {
+        sample: Tensor::random([b, config.in_channels, args.height, args.width], normal, &device),
+        timestep: Tensor::from_data(TensorData::new(vec![500.0f32; b], [b]), &device),
+        encoder_hidden_states: Tensor::random([b, args.seq, cross], normal, &device),
+        text_embeds: config.projection_class_embeddings_input_dim.map(|p| {
+            let text = p - 6 * config.addition_time_embed_dim.unwrap_or(0);
+            Tensor::random([b, text], normal, &device)
+        }),
+        time_ids: config.addition_embed_type.as_ref().map(|_| {
+            let ids = [1024.0f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0].repeat(b);
+            Tensor::from_data(TensorData::new(ids, [b, 6]), &device)
+        }),
+    };
+    let ctx = AttnContext::default();
+    let run = || {
+        let out = unet.forward(input(), &ctx).sample;
+        out.into_data(); // waits for the result
+    };
+    for _ in 0..args.warmup {
+        run();
+    }
+    let mut times = Vec::with_capacity(args.iters);
+    for _ in 0..args.iters.max(1) {
+        let t = std::time::Instant::now();
+        run();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"median_s": median, "times_s": times, "threads": threads})
+        );
+    } else {
+        println!("UNet forward, batch {b}, latent {}x{}: median {median:.4} s over {} runs ({threads} threads)", args.height, args.width, times.len());
+    }
+    Ok(ExitCode::SUCCESS)
 }
