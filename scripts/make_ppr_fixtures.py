@@ -195,7 +195,8 @@ def main():
 
     out_dir = os.path.join(os.path.dirname(__file__), "..", "crates", "troupe-models", "tests", "fixtures", "ppr")
     os.makedirs(out_dir, exist_ok=True)
-    save_file(sd, os.path.join(out_dir, "weights.safetensors"))
+    # troupe reads the head width (not visible in shapes) from this metadata key.
+    save_file(sd, os.path.join(out_dir, "weights.safetensors"), metadata={"troupe.ppr.resampler_dim_head": str(DIM_HEAD)})
     save_file(io, os.path.join(out_dir, "io.safetensors"))
     print(f"{len(sd)} weight tensors, {len(io)} io tensors -> {os.path.abspath(out_dir)}")
 

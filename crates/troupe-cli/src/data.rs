@@ -3,15 +3,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use troupe_data::DataError;
 use troupe_data::check::{check_shards, stats};
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
+use troupe_data::pack::{OnBadLine, PackReport, pack_manifest};
 use troupe_data::plan::SizeRule;
-use troupe_data::pack::{pack_manifest, OnBadLine, PackReport};
-use troupe_data::shard::{find_shards, ShardWriterOptions};
-use troupe_data::DataError;
+use troupe_data::shard::{ShardWriterOptions, find_shards};
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -172,14 +172,26 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
                 eprintln!("skipped: {s}");
             }
             for s in &report.shards {
-                println!("wrote {} ({} rows, {:.1} MiB)", s.path.display(), s.rows, s.bytes as f64 / (1 << 20) as f64);
+                println!(
+                    "wrote {} ({} rows, {:.1} MiB)",
+                    s.path.display(),
+                    s.rows,
+                    s.bytes as f64 / (1 << 20) as f64
+                );
             }
-            println!("{} rows in {} shards; {} problems in skipped rows", report.rows, report.shards.len(), report.skipped.len());
+            println!(
+                "{} rows in {} shards; {} problems in skipped rows",
+                report.rows,
+                report.shards.len(),
+                report.skipped.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
             print_problems(&errors, usize::MAX);
-            bail!("nothing was packed: fix the rows above, or pass --on-bad-row skip to leave them out")
+            bail!(
+                "nothing was packed: fix the rows above, or pass --on-bad-row skip to leave them out"
+            )
         }
     }
 }
@@ -187,19 +199,30 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
 pub fn run(cmd: DataCommand) -> Result<ExitCode> {
     let limits = DecodeLimits::default();
     match cmd {
-        DataCommand::Pack { manifest, out } => {
-            report_pack(pack_manifest(&manifest, &out.out, out.options(), out.policy(), limits))
-        }
-        DataCommand::ImportStorymaker { index, out } => report_pack(troupe_data::import::import_storymaker(
-            &index,
+        DataCommand::Pack { manifest, out } => report_pack(pack_manifest(
+            &manifest,
             &out.out,
             out.options(),
             out.policy(),
             limits,
         )),
-        DataCommand::Check { paths, threads, max_problems } => {
+        DataCommand::ImportStorymaker { index, out } => {
+            report_pack(troupe_data::import::import_storymaker(
+                &index,
+                &out.out,
+                out.options(),
+                out.policy(),
+                limits,
+            ))
+        }
+        DataCommand::Check {
+            paths,
+            threads,
+            max_problems,
+        } => {
             let shards = find_shards(&paths)?;
-            let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let threads = threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let report = check_shards(&shards, limits, threads);
             print_problems(&report.problems, max_problems);
             println!(
@@ -209,18 +232,36 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 report.problems.len(),
                 report.bad_rows
             );
-            Ok(if report.problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.problems.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         DataCommand::Stats { paths } => {
             let shards = find_shards(&paths)?;
             print!("{}", stats(&shards)?);
             Ok(ExitCode::SUCCESS)
         }
-        DataCommand::Synth { out, rows, min_side, max_side, seed, rows_per_shard, rows_per_row_group } => {
+        DataCommand::Synth {
+            out,
+            rows,
+            min_side,
+            max_side,
+            seed,
+            rows_per_shard,
+            rows_per_row_group,
+        } => {
             if min_side == 0 || min_side > max_side {
                 bail!("--min-side must be at least 1 and at most --max-side");
             }
-            let opts = troupe_data::synth::SynthOptions { rows, min_side, max_side, seed, ..Default::default() };
+            let opts = troupe_data::synth::SynthOptions {
+                rows,
+                min_side,
+                max_side,
+                seed,
+                ..Default::default()
+            };
             let writer = ShardWriterOptions {
                 rows_per_row_group: rows_per_row_group.max(1),
                 shard_rows: rows_per_shard.max(1) as u64,
@@ -229,16 +270,29 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             let shards = troupe_data::synth::write_dataset(&out, &opts, writer)
                 .with_context(|| format!("writing {}", out.display()))?;
             for s in &shards {
-                println!("wrote {} ({} rows, {:.2} MiB)", s.path.display(), s.rows, s.bytes as f64 / (1 << 20) as f64);
+                println!(
+                    "wrote {} ({} rows, {:.2} MiB)",
+                    s.path.display(),
+                    s.rows,
+                    s.bytes as f64 / (1 << 20) as f64
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        DataCommand::Preview { paths, batches, batch_size, seed, bucket_area, on_bad_row } => {
+        DataCommand::Preview {
+            paths,
+            batches,
+            batch_size,
+            seed,
+            bucket_area,
+            on_bad_row,
+        } => {
             let shards = find_shards(&paths)?;
             let config = LoaderConfig {
                 batch_size,
                 seed,
-                size_rule: bucket_area.map_or_else(SizeRule::reference, |a| SizeRule::buckets(a, 64, 2.0)),
+                size_rule: bucket_area
+                    .map_or_else(SizeRule::reference, |a| SizeRule::buckets(a, 64, 2.0)),
                 on_bad_row: match on_bad_row {
                     BadRow::Fail => BadRowPolicy::Fail,
                     BadRow::Skip => BadRowPolicy::Skip,

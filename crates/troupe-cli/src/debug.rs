@@ -23,6 +23,33 @@ pub enum DebugCommand {
     /// Time UNet forward passes of a config with random weights (no weight files needed);
     /// `scripts/bench_unet.py` runs diffusers on the same config and prints the ratio.
     BenchUnet(BenchUnetArgs),
+    /// Run one forward pass of a component on named tensors and write the named outputs, to
+    /// compare weights with diffusers/transformers. Tensor names per component: see
+    /// `crates/troupe-models/src/component.rs` (e.g. `unet`: sample, timestep,
+    /// encoder_hidden_states[, text_embeds, time_ids] → out).
+    Forward {
+        /// unet, text-encoder, text-encoder-2, image-encoder, vae-encoder, vae-decoder or ppr.
+        #[arg(long)]
+        component: String,
+        /// Component folder (diffusers/transformers layout); for `ppr`, the adapter file.
+        #[arg(long)]
+        model: PathBuf,
+        /// StoryMaker adapter `.safetensors` whose processors are attached to the UNet.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// Scale of the adapter's LoRA deltas (training 1.0; StoryMaker inference 0.8).
+        #[arg(long, default_value_t = 1.0)]
+        lora_scale: f64,
+        /// Scale of the image-attention branch (training 1.0; StoryMaker inference 0.8).
+        #[arg(long, default_value_t = 1.0)]
+        ip_scale: f64,
+        /// Input tensors (`.safetensors`).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs (`.safetensors`, f32).
+        #[arg(long)]
+        output: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -67,6 +94,45 @@ pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DebugCommand::BenchUnet(args) => bench_unet(args),
+        DebugCommand::Forward {
+            component,
+            model,
+            adapter,
+            lora_scale,
+            ip_scale,
+            inputs,
+            output,
+        } => {
+            use troupe_models::component::{Component, forward};
+            use troupe_models::weights::{StateDict, write_safetensors};
+            let Some(c) = Component::from_name(&component) else {
+                let names: Vec<&str> = Component::ALL.iter().map(|(n, _)| *n).collect();
+                anyhow::bail!(
+                    "unknown component `{component}` (one of: {})",
+                    names.join(", ")
+                );
+            };
+            let mut ins = StateDict::from_file(&inputs)?;
+            let device = burn::prelude::Device::flex();
+            let scales = troupe_models::attention::AdapterScales {
+                lora: lora_scale,
+                ip: ip_scale,
+                text_tokens: 77,
+            };
+            let outs = forward(c, &model, adapter.as_deref(), scales, &mut ins, &device)?;
+            let unused = ins.keys();
+            if !unused.is_empty() {
+                eprintln!(
+                    "note: inputs not used by {component}: {}",
+                    unused.join(", ")
+                );
+            }
+            write_safetensors(&output, &outs, None)?;
+            for (name, t) in &outs {
+                println!("{name}: {:?}", t.shape);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -83,7 +149,11 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
     let cross = config.down_blocks(&args.config.display().to_string())?[0].cross_attention_dim;
     let normal = Distribution::Normal(0.0, 1.0);
     let input = || UNetInput {
-        sample: Tensor::random([b, config.in_channels, args.height, args.width], normal, &device),
+        sample: Tensor::random(
+            [b, config.in_channels, args.height, args.width],
+            normal,
+            &device,
+        ),
         timestep: Tensor::from_data(TensorData::new(vec![500.0f32; b], [b]), &device),
         encoder_hidden_states: Tensor::random([b, args.seq, cross], normal, &device),
         text_embeds: config.projection_class_embeddings_input_dim.map(|p| {
@@ -118,7 +188,12 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
             serde_json::json!({"median_s": median, "times_s": times, "threads": threads})
         );
     } else {
-        println!("UNet forward, batch {b}, latent {}x{}: median {median:.4} s over {} runs ({threads} threads)", args.height, args.width, times.len());
+        println!(
+            "UNet forward, batch {b}, latent {}x{}: median {median:.4} s over {} runs ({threads} threads)",
+            args.height,
+            args.width,
+            times.len()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -4,6 +4,7 @@
 mod bench;
 mod data;
 mod debug;
+mod inspect;
 
 use std::process::ExitCode;
 
@@ -22,9 +23,13 @@ enum Command {
     /// Dataset tools: pack, import, check, inspect and benchmark shards.
     #[command(subcommand)]
     Data(data::DataCommand),
-    /// Debugging tools: inspect model components (e.g. `tokenize`).
+    /// Debugging tools: tokenize prompts, run one component's forward pass, benchmark the UNet.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
+    /// Report a model folder's component, config, parameter count, dtypes and any missing or
+    /// unexpected keys (reads only file headers). Accepts a component folder, an SDXL pipeline
+    /// folder (`model_index.json`) or an adapter `.safetensors` file.
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -32,6 +37,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Debug(cmd) => debug::run(cmd),
+        Command::Inspect(args) => inspect::run(args),
     };
     match result {
         Ok(code) => code,

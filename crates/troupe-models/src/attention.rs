@@ -254,7 +254,8 @@ impl Attention {
     /// `[B, heads, N, dh] → [B, N, h]`.
     fn merge_heads(&self, t: Tensor<4>) -> Tensor<3> {
         let [b, _, n, _] = t.dims();
-        t.swap_dims(1, 2).reshape([b, n, self.heads * self.dim_head])
+        t.swap_dims(1, 2)
+            .reshape([b, n, self.heads * self.dim_head])
     }
 
     fn project(&self, base: &Linear, lora: Option<&LoraLinear>, x: Tensor<3>, s: f64) -> Tensor<3> {

@@ -7,10 +7,13 @@
 //! * [`unet`]: diffusers `UNet2DConditionModel` from its `config.json` (SD 1.x/2.x/SDXL layouts),
 //!   built from [`resnet`], [`transformer`] and [`attention`] blocks; [`attention`] also holds
 //!   StoryMaker's LoRA + decoupled image cross-attention processors.
+//! * [`vae`]: diffusers `AutoencoderKL` (encoder to a latent Gaussian, decoder) from its config.
+//! * [`component`]: detect, inspect and run any component on named tensors (CLI tools).
 //! * [`weights`]: loading PyTorch safetensors state dicts (single, sharded, f32/f16/bf16) into
 //!   those modules; [`error`]: config and weight errors.
 
 pub mod attention;
+pub mod component;
 pub mod error;
 pub mod ppr;
 pub mod resampler;
@@ -18,4 +21,5 @@ pub mod resnet;
 pub mod tokenizer;
 pub mod transformer;
 pub mod unet;
+pub mod vae;
 pub mod weights;

@@ -227,3 +227,77 @@ impl FaceIdPlus {
         self.resample.load(sd, &join(prefix, "resample"));
     }
 }
+
+/// Safetensors metadata key holding the PPR resamplers' head width.
+pub const DIM_HEAD_METADATA: &str = "troupe.ppr.resampler_dim_head";
+
+impl FaceIdPlusConfig {
+    /// Reads the sizes of a PPR state dict under `prefix` from its tensor shapes. The head width
+    /// is not visible in the shapes (heads × dim_head = width): it comes from the file's
+    /// metadata [`DIM_HEAD_METADATA`] when present (troupe writes it), else StoryMaker's 64.
+    pub fn from_state_dict(sd: &StateDict, prefix: &str) -> Result<Self, WeightError> {
+        let dim_head = match sd.metadata().get(DIM_HEAD_METADATA) {
+            Some(v) => v.parse().map_err(|_| WeightError::Format {
+                path: sd.path().to_string(),
+                message: format!("metadata `{DIM_HEAD_METADATA}` = `{v}` is not a number"),
+            })?,
+            None => 64,
+        };
+        let shape = |name: &str| -> Result<Vec<usize>, WeightError> {
+            let key = join(prefix, name);
+            sd.shape(&key)
+                .map(<[usize]>::to_vec)
+                .ok_or(WeightError::MissingKey {
+                    path: sd.path().to_string(),
+                    key,
+                })
+        };
+        let pos = shape("pos_embed")?; // [slots, T, D]
+        let fc1 = shape("proj.0.weight")?; // [2·id, id]
+        let fc2 = shape("proj.2.weight")?; // [nt·D, 2·id]
+        let proj_in = shape("resample.proj_in.weight")?; // [dim, clip]
+        let latents = shape("resample.latents")?; // [1, nq, clip]
+        let ff_up = shape("resample.layers.0.1.1.weight")?; // [mult·clip, clip]
+        let bad = |message: String| WeightError::Format {
+            path: sd.path().to_string(),
+            message,
+        };
+        if pos.len() != 3
+            || fc1.len() != 2
+            || fc2.len() != 2
+            || latents.len() != 3
+            || ff_up.len() != 2
+        {
+            return Err(bad("PPR tensors have unexpected ranks".into()));
+        }
+        let d = pos[2];
+        let depth = (0..)
+            .take_while(|i| {
+                sd.shape(&join(prefix, &format!("resample.layers.{i}.0.to_q.weight")))
+                    .is_some()
+            })
+            .count();
+        let heads_ok = dim_head > 0 && d % dim_head == 0 && proj_in[0] % dim_head == 0;
+        if !heads_ok {
+            return Err(bad(format!(
+                "head width {dim_head} does not divide the PPR widths {d} and {} (set metadata `{DIM_HEAD_METADATA}`)",
+                proj_in[0]
+            )));
+        }
+        if d == 0 || fc2[0] % d != 0 || proj_in[0] == 0 || ff_up[0] % proj_in[0] != 0 {
+            return Err(bad(format!(
+                "inconsistent PPR shapes: pos_embed {pos:?}, proj.2 {fc2:?}"
+            )));
+        }
+        Ok(Self::new()
+            .with_cross_attention_dim(d)
+            .with_id_embeddings_dim(fc1[1])
+            .with_clip_embeddings_dim(proj_in[1])
+            .with_num_tokens(fc2[0] / d)
+            .with_resampler_depth(depth)
+            .with_resampler_dim_head(dim_head)
+            .with_resampler_num_queries(latents[1])
+            .with_resampler_ff_mult(ff_up[0] / proj_in[0])
+            .with_max_characters(pos[0]))
+    }
+}

@@ -217,8 +217,19 @@ impl ResamplerConfig {
         )
         .div_scalar((self.dim as f64).sqrt());
         // The same blocks as the face resampler, plus learned queries.
-        let FacePerceiverResampler { proj_in, proj_out, norm_out, layers } = self.init_face(device);
-        Resampler { latents: Param::from_tensor(latents), proj_in, proj_out, norm_out, layers }
+        let FacePerceiverResampler {
+            proj_in,
+            proj_out,
+            norm_out,
+            layers,
+        } = self.init_face(device);
+        Resampler {
+            latents: Param::from_tensor(latents),
+            proj_in,
+            proj_out,
+            norm_out,
+            layers,
+        }
     }
 
     /// Builds a [`FacePerceiverResampler`] with random weights (`num_queries` unused).

@@ -21,7 +21,14 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 }
 
 /// `Conv2d(c_in, c_out, k, stride, padding)` with bias.
-pub fn conv2d(c_in: usize, c_out: usize, k: usize, stride: usize, pad: usize, device: &Device) -> Conv2d {
+pub fn conv2d(
+    c_in: usize,
+    c_out: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    device: &Device,
+) -> Conv2d {
     Conv2dConfig::new([c_in, c_out], [k, k])
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))

@@ -250,8 +250,8 @@ impl UNet2DConditionConfig {
             path: shown.clone(),
             source,
         })?;
-        let config: Self = serde_json::from_str(&text)
-            .map_err(|e| ConfigError::new(&shown, "", e.to_string()))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?;
         config.validate(&shown)?;
         Ok(config)
     }
@@ -270,14 +270,28 @@ impl UNet2DConditionConfig {
             );
         }
         if self.up_block_types.len() != n {
-            return err("up_block_types", format!("has {} entries, expected {n}", self.up_block_types.len()));
+            return err(
+                "up_block_types",
+                format!("has {} entries, expected {n}", self.up_block_types.len()),
+            );
         }
         for (field, kinds, allowed) in [
-            ("down_block_types", &self.down_block_types, ["DownBlock2D", "CrossAttnDownBlock2D"]),
-            ("up_block_types", &self.up_block_types, ["UpBlock2D", "CrossAttnUpBlock2D"]),
+            (
+                "down_block_types",
+                &self.down_block_types,
+                ["DownBlock2D", "CrossAttnDownBlock2D"],
+            ),
+            (
+                "up_block_types",
+                &self.up_block_types,
+                ["UpBlock2D", "CrossAttnUpBlock2D"],
+            ),
         ] {
             if let Some(k) = kinds.iter().find(|k| !allowed.contains(&k.as_str())) {
-                return err(field, format!("`{k}` is not supported (supported: {allowed:?})"));
+                return err(
+                    field,
+                    format!("`{k}` is not supported (supported: {allowed:?})"),
+                );
             }
         }
         if let Some(m) = &self.mid_block_type
@@ -286,56 +300,116 @@ impl UNet2DConditionConfig {
             return err("mid_block_type", format!("`{m}` is not supported"));
         }
         let must = |ok: bool, field: &str, what: &str| {
-            if ok { Ok(()) } else { err(field, format!("must be {what}")) }
+            if ok {
+                Ok(())
+            } else {
+                err(field, format!("must be {what}"))
+            }
         };
         must(self.act_fn == "silu", "act_fn", "\"silu\"")?;
         must(!self.center_input_sample, "center_input_sample", "false")?;
         must(
-            self.only_cross_attention.expand(n, "only_cross_attention", path)?.iter().all(|b| !b),
+            self.only_cross_attention
+                .expand(n, "only_cross_attention", path)?
+                .iter()
+                .all(|b| !b),
             "only_cross_attention",
             "false",
         )?;
         must(!self.dual_cross_attention, "dual_cross_attention", "false")?;
-        must(self.upcast_attention != Some(true), "upcast_attention", "false")?;
+        must(
+            self.upcast_attention != Some(true),
+            "upcast_attention",
+            "false",
+        )?;
         must(self.class_embed_type.is_none(), "class_embed_type", "null")?;
         must(self.num_class_embeds.is_none(), "num_class_embeds", "null")?;
         must(self.encoder_hid_dim.is_none(), "encoder_hid_dim", "null")?;
-        must(self.resnet_time_scale_shift == "default", "resnet_time_scale_shift", "\"default\"")?;
-        must(self.time_embedding_type == "positional", "time_embedding_type", "\"positional\"")?;
-        must(self.time_embedding_dim.is_none(), "time_embedding_dim", "null")?;
-        must(self.time_embedding_act_fn.is_none(), "time_embedding_act_fn", "null")?;
-        must(self.timestep_post_act.is_none(), "timestep_post_act", "null")?;
-        must(self.time_cond_proj_dim.is_none(), "time_cond_proj_dim", "null")?;
+        must(
+            self.resnet_time_scale_shift == "default",
+            "resnet_time_scale_shift",
+            "\"default\"",
+        )?;
+        must(
+            self.time_embedding_type == "positional",
+            "time_embedding_type",
+            "\"positional\"",
+        )?;
+        must(
+            self.time_embedding_dim.is_none(),
+            "time_embedding_dim",
+            "null",
+        )?;
+        must(
+            self.time_embedding_act_fn.is_none(),
+            "time_embedding_act_fn",
+            "null",
+        )?;
+        must(
+            self.timestep_post_act.is_none(),
+            "timestep_post_act",
+            "null",
+        )?;
+        must(
+            self.time_cond_proj_dim.is_none(),
+            "time_cond_proj_dim",
+            "null",
+        )?;
         must(self.conv_in_kernel == 3, "conv_in_kernel", "3")?;
         must(self.conv_out_kernel == 3, "conv_out_kernel", "3")?;
         must(
-            self.reverse_transformer_layers_per_block.as_ref().is_none_or(|v| v.is_null()),
+            self.reverse_transformer_layers_per_block
+                .as_ref()
+                .is_none_or(|v| v.is_null()),
             "reverse_transformer_layers_per_block",
             "null",
         )?;
-        must(self.attention_type == "default", "attention_type", "\"default\"")?;
+        must(
+            self.attention_type == "default",
+            "attention_type",
+            "\"default\"",
+        )?;
         must(!self.resnet_skip_time_act, "resnet_skip_time_act", "false")?;
-        must(self.resnet_out_scale_factor == 1.0, "resnet_out_scale_factor", "1.0")?;
+        must(
+            self.resnet_out_scale_factor == 1.0,
+            "resnet_out_scale_factor",
+            "1.0",
+        )?;
         must(self.downsample_padding <= 1, "downsample_padding", "0 or 1")?;
         match self.addition_embed_type.as_deref() {
             None => {}
             Some("text_time") => {
-                must(self.addition_time_embed_dim.is_some(), "addition_time_embed_dim", "set for text_time")?;
+                must(
+                    self.addition_time_embed_dim.is_some(),
+                    "addition_time_embed_dim",
+                    "set for text_time",
+                )?;
                 must(
                     self.projection_class_embeddings_input_dim.is_some(),
                     "projection_class_embeddings_input_dim",
                     "set for text_time",
                 )?;
             }
-            Some(other) => return err("addition_embed_type", format!("`{other}` is not supported")),
+            Some(other) => {
+                return err("addition_embed_type", format!("`{other}` is not supported"));
+            }
         }
         let blocks = self.down_blocks(path)?;
         for (i, (b, &c)) in blocks.iter().zip(&self.block_out_channels).enumerate() {
             if c % self.norm_num_groups != 0 {
-                return err("norm_num_groups", format!("{} does not divide block {i}'s {c} channels", self.norm_num_groups));
+                return err(
+                    "norm_num_groups",
+                    format!(
+                        "{} does not divide block {i}'s {c} channels",
+                        self.norm_num_groups
+                    ),
+                );
             }
             if b.heads == 0 || c % b.heads != 0 {
-                return err("attention_head_dim", format!("{} heads do not divide block {i}'s {c} channels", b.heads));
+                return err(
+                    "attention_head_dim",
+                    format!("{} heads do not divide block {i}'s {c} channels", b.heads),
+                );
             }
         }
         Ok(())
@@ -347,12 +421,16 @@ impl UNet2DConditionConfig {
         let layers = self.layers_per_block.expand(n, "layers_per_block", path)?;
         let heads = match &self.num_attention_heads {
             Some(h) => h.expand(n, "num_attention_heads", path)?,
-            None => self.attention_head_dim.expand(n, "attention_head_dim", path)?,
+            None => self
+                .attention_head_dim
+                .expand(n, "attention_head_dim", path)?,
         };
-        let tl = self
-            .transformer_layers_per_block
-            .expand(n, "transformer_layers_per_block", path)?;
-        let cross = self.cross_attention_dim.expand(n, "cross_attention_dim", path)?;
+        let tl =
+            self.transformer_layers_per_block
+                .expand(n, "transformer_layers_per_block", path)?;
+        let cross = self
+            .cross_attention_dim
+            .expand(n, "cross_attention_dim", path)?;
         Ok((0..n)
             .map(|i| BlockSpec {
                 kind: self.down_block_types[i].clone(),
@@ -400,7 +478,12 @@ impl TimestepEmbedding {
 /// diffusers `get_timestep_embedding` (max period 10000, scale 1): `t [N]` → `[N, dim]`.
 /// Frequencies are computed on the host in f32 exactly as PyTorch does, so arguments of the
 /// sines match bit for bit before the device's `sin`/`cos`.
-pub fn timestep_embedding(t: Tensor<1>, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Tensor<2> {
+pub fn timestep_embedding(
+    t: Tensor<1>,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: f64,
+) -> Tensor<2> {
     let half = dim / 2;
     let ln = -(10000f32.ln());
     let freqs: Vec<f32> = (0..half)
@@ -587,9 +670,13 @@ impl UNet2DConditionModel {
                     attentions.push(b.transformer(out_c, spec));
                 }
             }
-            let downsampler =
-                (i + 1 < n).then(|| Downsample2D::new(out_c, config.downsample_padding == 1, device));
-            down_blocks.push(DownBlock { resnets, attentions, downsampler });
+            let downsampler = (i + 1 < n)
+                .then(|| Downsample2D::new(out_c, config.downsample_padding == 1, device));
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
         }
 
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
@@ -613,7 +700,11 @@ impl UNet2DConditionModel {
                 }
             }
             let upsampler = (i + 1 < n).then(|| Upsample2D::new(out_c, device));
-            up_blocks.push(UpBlock { resnets, attentions, upsampler });
+            up_blocks.push(UpBlock {
+                resnets,
+                attentions,
+                upsampler,
+            });
         }
 
         let mid_block = config.mid_block_type.as_ref().map(|_| {
@@ -702,7 +793,10 @@ impl UNet2DConditionModel {
         let down = self.down_blocks.iter().flat_map(|b| &b.attentions);
         let up = self.up_blocks.iter().flat_map(|b| &b.attentions);
         let mid = self.mid_block.iter().flat_map(|b| &b.attentions);
-        down.chain(up).chain(mid).flat_map(|t| t.attentions()).collect()
+        down.chain(up)
+            .chain(mid)
+            .flat_map(|t| t.attentions())
+            .collect()
     }
 
     /// Every attention, in processor order, mutably.
@@ -710,7 +804,10 @@ impl UNet2DConditionModel {
         let down = self.down_blocks.iter_mut().flat_map(|b| &mut b.attentions);
         let up = self.up_blocks.iter_mut().flat_map(|b| &mut b.attentions);
         let mid = self.mid_block.iter_mut().flat_map(|b| &mut b.attentions);
-        down.chain(up).chain(mid).flat_map(|t| t.attentions_mut()).collect()
+        down.chain(up)
+            .chain(mid)
+            .flat_map(|t| t.attentions_mut())
+            .collect()
     }
 
     /// diffusers `attn_processors` names and sizes, in order.
@@ -723,7 +820,9 @@ impl UNet2DConditionModel {
                     for (a, attn) in [(1, &block.attn1), (2, &block.attn2)] {
                         out.push(ProcessorInfo {
                             index: attn.index,
-                            name: format!("{path}.attentions.{j}.transformer_blocks.{k}.attn{a}.processor"),
+                            name: format!(
+                                "{path}.attentions.{j}.transformer_blocks.{k}.attn{a}.processor"
+                            ),
                             hidden_size: attn.hidden_size(),
                             cross_attention_dim: (a == 2).then(|| attn.kv_dim()),
                             latent_downscale: scale,
@@ -757,7 +856,12 @@ impl UNet2DConditionModel {
     /// Loads `{prefix}.{i}.*` adapter keys (prefix `ip_adapter`, or `""` for a bare processor
     /// state dict) into attached adapters; returns the LoRA rank found in the file.
     /// Other keys (e.g. `image_proj_model.*`) are left in `sd`.
-    pub fn load_adapter(&mut self, sd: &mut StateDict, prefix: &str, device: &Device) -> Result<usize, WeightError> {
+    pub fn load_adapter(
+        &mut self,
+        sd: &mut StateDict,
+        prefix: &str,
+        device: &Device,
+    ) -> Result<usize, WeightError> {
         let probe = join(prefix, "0.to_q_lora.down.weight");
         let rank = match sd.shape(&probe) {
             Some([r, _]) => *r,
@@ -782,20 +886,36 @@ impl UNet2DConditionModel {
     /// The forward pass. `ctx` sets adapter scales and which processors' image-attention maps
     /// are returned.
     pub fn forward(&self, input: UNetInput, ctx: &AttnContext) -> UNetOutput {
-        let UNetInput { sample, timestep, encoder_hidden_states, text_embeds, time_ids } = input;
+        let UNetInput {
+            sample,
+            timestep,
+            encoder_hidden_states,
+            text_embeds,
+            time_ids,
+        } = input;
         let dtype = self.conv_in.weight.val().dtype();
         let [b, _, h, w] = sample.dims();
         let sample = sample.cast(dtype);
         let context = encoder_hidden_states.cast(dtype);
 
-        let t_emb = timestep_embedding(timestep, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift);
+        let t_emb = timestep_embedding(
+            timestep,
+            self.time_proj_dim,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        );
         let mut emb = self.time_embedding.forward(t_emb.cast(dtype)); // [B, T]
         if let Some(add) = &self.add_embedding {
             let text = text_embeds.expect("SDXL UNet needs text_embeds");
             let ids = time_ids.expect("SDXL UNet needs time_ids");
             let k = ids.dims()[1];
-            let t = timestep_embedding(ids.reshape([b * k]), self.add_time_proj_dim, self.flip_sin_to_cos, self.freq_shift)
-                .reshape([b, k * self.add_time_proj_dim]); // [B, 6·256]
+            let t = timestep_embedding(
+                ids.reshape([b * k]),
+                self.add_time_proj_dim,
+                self.flip_sin_to_cos,
+                self.freq_shift,
+            )
+            .reshape([b, k * self.add_time_proj_dim]); // [B, 6·256]
             let add_in = Tensor::cat(vec![text.cast(dtype), t.cast(dtype)], 1);
             emb = emb + add.forward(add_in);
         }
@@ -842,7 +962,10 @@ impl UNet2DConditionModel {
             }
         }
         let x = silu(self.conv_norm_out.forward(x));
-        UNetOutput { sample: self.conv_out.forward(x), attn_probs: probs }
+        UNetOutput {
+            sample: self.conv_out.forward(x),
+            attn_probs: probs,
+        }
     }
 }
 

@@ -219,6 +219,7 @@ pub struct StateDict {
     path: String,
     backings: Vec<Backing>,
     entries: BTreeMap<String, Entry>,
+    metadata: BTreeMap<String, String>,
     dtype: Option<DType>,
     check_only: bool,
     missing: Vec<String>,
@@ -241,6 +242,7 @@ impl StateDict {
             path,
             backings: Vec::new(),
             entries: BTreeMap::new(),
+            metadata: BTreeMap::new(),
             dtype: Some(DType::F32),
             check_only: false,
             missing: Vec::new(),
@@ -262,7 +264,10 @@ impl StateDict {
     /// `{stem}.fp16.safetensors` variant when only that exists.
     pub fn from_dir(dir: impl AsRef<Path>, stem: &str) -> Result<Self, WeightError> {
         let dir = dir.as_ref();
-        for name in [format!("{stem}.safetensors"), format!("{stem}.fp16.safetensors")] {
+        for name in [
+            format!("{stem}.safetensors"),
+            format!("{stem}.fp16.safetensors"),
+        ] {
             let file = dir.join(&name);
             if file.is_file() {
                 return Self::from_file(file);
@@ -278,7 +283,10 @@ impl StateDict {
             }
         }
         Err(WeightError::Io {
-            path: dir.join(format!("{stem}.safetensors")).display().to_string(),
+            path: dir
+                .join(format!("{stem}.safetensors"))
+                .display()
+                .to_string(),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no {stem}.safetensors (or sharded index) in this folder"),
@@ -351,15 +359,18 @@ impl StateDict {
         let (header_len, meta) =
             SafeTensors::read_metadata(bytes).map_err(|e| format(e.to_string()))?;
         let data_start = 8 + header_len;
+        if let Some(m) = meta.metadata() {
+            self.metadata
+                .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         let index = self.backings.len();
         for (key, info) in meta.tensors() {
-            let dtype = StoredDType::from_safetensors(info.dtype).ok_or_else(|| {
-                WeightError::Dtype {
+            let dtype =
+                StoredDType::from_safetensors(info.dtype).ok_or_else(|| WeightError::Dtype {
                     path: path.to_string(),
                     key: key.clone(),
                     dtype: format!("{:?}", info.dtype),
-                }
-            })?;
+                })?;
             if self.entries.contains_key(&key) {
                 return Err(format(format!("`{key}` appears in more than one shard")));
             }
@@ -394,6 +405,16 @@ impl StateDict {
     /// The file (or index) this state dict was read from.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// The `__metadata__` strings of the file(s).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    /// What has been loaded (or, in check-only mode, matched) so far.
+    pub fn report(&self) -> &LoadReport {
+        &self.report
     }
 
     /// Keys not consumed yet, sorted.
@@ -457,10 +478,13 @@ impl StateDict {
         key: &str,
         device: &Device,
     ) -> Result<Tensor<D>, WeightError> {
-        let entry = self.entries.remove(key).ok_or_else(|| WeightError::MissingKey {
-            path: self.path.clone(),
-            key: key.into(),
-        })?;
+        let entry = self
+            .entries
+            .remove(key)
+            .ok_or_else(|| WeightError::MissingKey {
+                path: self.path.clone(),
+                key: key.into(),
+            })?;
         if entry.shape.len() != D {
             return Err(WeightError::Format {
                 path: self.path.clone(),
@@ -477,10 +501,13 @@ impl StateDict {
         device: &Device,
     ) -> Result<Tensor<D, Int>, WeightError> {
         let path = self.path.clone();
-        let entry = self.entries.remove(key).ok_or_else(|| WeightError::MissingKey {
-            path: path.clone(),
-            key: key.into(),
-        })?;
+        let entry = self
+            .entries
+            .remove(key)
+            .ok_or_else(|| WeightError::MissingKey {
+                path: path.clone(),
+                key: key.into(),
+            })?;
         if entry.shape.len() != D || !matches!(entry.dtype, StoredDType::I64 | StoredDType::I32) {
             return Err(WeightError::Format {
                 path,
@@ -493,14 +520,21 @@ impl StateDict {
         }
         let bytes = &self.backings[entry.backing].bytes()[entry.range.clone()];
         let values = int_values(bytes, entry.dtype);
-        Ok(Tensor::from_data(TensorData::new(values, entry.shape), device))
+        Ok(Tensor::from_data(
+            TensorData::new(values, entry.shape),
+            device,
+        ))
     }
 
     fn materialise<const D: usize>(&mut self, e: &Entry, device: &Device) -> Tensor<D> {
         let bytes = &self.backings[e.backing].bytes()[e.range.clone()];
         let data = match e.dtype {
-            StoredDType::F32 => TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F32),
-            StoredDType::F16 => TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F16),
+            StoredDType::F32 => {
+                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F32)
+            }
+            StoredDType::F16 => {
+                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F16)
+            }
             StoredDType::BF16 => {
                 TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::BF16)
             }
@@ -512,15 +546,22 @@ impl StateDict {
                 TensorData::new(v, e.shape.clone())
             }
             // Integer tensors only reach here as inputs read with `take_any`: as floats.
-            StoredDType::I64 | StoredDType::I32 => {
-                TensorData::new(int_values(bytes, e.dtype).into_iter().map(|v| v as f32).collect(), e.shape.clone())
-            }
+            StoredDType::I64 | StoredDType::I32 => TensorData::new(
+                int_values(bytes, e.dtype)
+                    .into_iter()
+                    .map(|v| v as f32)
+                    .collect(),
+                e.shape.clone(),
+            ),
         };
         let dtype = self.dtype.unwrap_or(e.dtype.burn());
         self.report.tensors += 1;
         self.report.parameters += e.shape.iter().product::<usize>() as u64;
         *self.report.dtypes.entry(e.dtype).or_default() += 1;
-        Tensor::from_data(data, TensorCreationOptions::new(device.clone()).with_dtype(dtype))
+        Tensor::from_data(
+            data,
+            TensorCreationOptions::new(device.clone()).with_dtype(dtype),
+        )
     }
 
     /// Replaces `p` by `key`, which must have the PyTorch shape `torch_shape`; `to_burn` maps the
@@ -727,7 +768,10 @@ pub fn write_safetensors(
         path: shown.clone(),
         source,
     };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.partial"));
     {
         use std::io::Write;

@@ -11,14 +11,23 @@ use troupe_models::unet::{UNet2DConditionModel, UNetInput};
 use troupe_models::weights::{StateDict, WeightError};
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/unet").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/unet")
+        .join(name)
 }
 
 fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    let a = a.cast(burn::tensor::FloatDType::F32).into_data().try_to_vec::<f32>().unwrap();
+    let a = a
+        .cast(burn::tensor::FloatDType::F32)
+        .into_data()
+        .try_to_vec::<f32>()
+        .unwrap();
     let b = b.into_data().try_to_vec::<f32>().unwrap();
-    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn inputs(io: &mut StateDict, device: &Device) -> UNetInput {
@@ -26,8 +35,14 @@ fn inputs(io: &mut StateDict, device: &Device) -> UNetInput {
         sample: io.take_any("sample", device).unwrap(),
         timestep: io.take_any("timestep", device).unwrap(),
         encoder_hidden_states: io.take_any("encoder_hidden_states", device).unwrap(),
-        text_embeds: io.shape("text_embeds").is_some().then(|| io.take_any("text_embeds", device).unwrap()),
-        time_ids: io.shape("time_ids").is_some().then(|| io.take_any("time_ids", device).unwrap()),
+        text_embeds: io
+            .shape("text_embeds")
+            .is_some()
+            .then(|| io.take_any("text_embeds", device).unwrap()),
+        time_ids: io
+            .shape("time_ids")
+            .is_some()
+            .then(|| io.take_any("time_ids", device).unwrap()),
     }
 }
 
@@ -35,7 +50,8 @@ fn inputs(io: &mut StateDict, device: &Device) -> UNetInput {
 fn error_of(model: &str, case: &str, dtype: Option<DType>) -> f32 {
     let device = Device::flex();
     let (unet, _) = UNet2DConditionModel::from_dir(&fixture(model), &device, dtype).unwrap();
-    let mut io = StateDict::from_file(fixture(model).join(format!("io_{case}.safetensors"))).unwrap();
+    let mut io =
+        StateDict::from_file(fixture(model).join(format!("io_{case}.safetensors"))).unwrap();
     let out = unet.forward(inputs(&mut io, &device), &AttnContext::default());
     max_abs_diff(out.sample, io.take_any::<4>("out", &device).unwrap())
 }
@@ -84,16 +100,25 @@ fn f16_weights_can_stay_half_precision() {
 #[test]
 fn storymaker_processors_match_reference() {
     let device = Device::flex();
-    let (mut unet, _) = UNet2DConditionModel::from_dir(&fixture("sdxl_tiny"), &device, Some(DType::F32)).unwrap();
+    let (mut unet, _) =
+        UNet2DConditionModel::from_dir(&fixture("sdxl_tiny"), &device, Some(DType::F32)).unwrap();
     let mut sd = StateDict::from_file(fixture("sdxl_tiny_adapter.safetensors")).unwrap();
     let rank = unet.load_adapter(&mut sd, "ip_adapter", &device).unwrap();
     assert_eq!(rank, 4);
     sd.finish("adapter").unwrap();
 
     let processors = unet.processors();
-    let cross: Vec<usize> = processors.iter().filter(|p| p.cross_attention_dim.is_some()).map(|p| p.index).collect();
+    let cross: Vec<usize> = processors
+        .iter()
+        .filter(|p| p.cross_attention_dim.is_some())
+        .map(|p| p.index)
+        .collect();
     let ctx = AttnContext {
-        scales: AdapterScales { lora: 0.8, ip: 0.7, text_tokens: 77 },
+        scales: AdapterScales {
+            lora: 0.8,
+            ip: 0.7,
+            text_tokens: 77,
+        },
         record: cross.clone(),
     };
     let mut io = StateDict::from_file(fixture("sdxl_tiny/io_adapter.safetensors")).unwrap();
@@ -103,7 +128,9 @@ fn storymaker_processors_match_reference() {
 
     assert_eq!(out.attn_probs.len(), cross.len());
     for p in out.attn_probs {
-        let expected = io.take_any::<3>(&format!("attn_probs.{}", p.index), &device).unwrap();
+        let expected = io
+            .take_any::<3>(&format!("attn_probs.{}", p.index), &device)
+            .unwrap();
         let e = max_abs_diff(p.probs, expected);
         assert!(e <= 1e-4, "attn_probs.{} max abs error {e}", p.index);
     }
@@ -112,14 +139,30 @@ fn storymaker_processors_match_reference() {
 #[test]
 fn processor_names_follow_diffusers_order() {
     let device = Device::flex();
-    let (unet, _) = UNet2DConditionModel::from_dir(&fixture("sdxl_tiny"), &device, Some(DType::F32)).unwrap();
+    let (unet, _) =
+        UNet2DConditionModel::from_dir(&fixture("sdxl_tiny"), &device, Some(DType::F32)).unwrap();
     let names: Vec<String> = unet.processors().into_iter().map(|p| p.name).collect();
     // Down blocks, then up blocks, then the mid block (diffusers registration order).
-    assert_eq!(names[0], "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor");
-    assert_eq!(names[1], "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor");
-    assert_eq!(names[4], "down_blocks.2.attentions.0.transformer_blocks.0.attn1.processor");
-    assert_eq!(names[12], "up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor");
-    assert_eq!(names.last().unwrap(), "mid_block.attentions.0.transformer_blocks.1.attn2.processor");
+    assert_eq!(
+        names[0],
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor"
+    );
+    assert_eq!(
+        names[1],
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    );
+    assert_eq!(
+        names[4],
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn1.processor"
+    );
+    assert_eq!(
+        names[12],
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn1.processor"
+    );
+    assert_eq!(
+        names.last().unwrap(),
+        "mid_block.attentions.0.transformer_blocks.1.attn2.processor"
+    );
     // 2 down attentions × (1 + 2 blocks) + 3 up × (2 + 1) + mid 2 blocks = 17 blocks, 34 processors.
     assert_eq!(names.len(), 34);
 }
@@ -128,25 +171,36 @@ fn processor_names_follow_diffusers_order() {
 fn missing_and_unexpected_keys_are_all_named() {
     let device = Device::flex();
     let dir = fixture("sd15_tiny");
-    let config = troupe_models::unet::UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
+    let config =
+        troupe_models::unet::UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
     let mut unet = UNet2DConditionModel::new(&config, &device).unwrap();
-    let mut sd = StateDict::from_dir(&dir, "diffusion_pytorch_model").unwrap().check_only();
+    let mut sd = StateDict::from_dir(&dir, "diffusion_pytorch_model")
+        .unwrap()
+        .check_only();
     sd.remove("mid_block.attentions.0.proj_in.weight");
     sd.remove("conv_out.bias");
     unet.load(&mut sd, "");
     let msg = sd.finish("UNet2DConditionModel").unwrap_err().to_string();
-    assert!(msg.contains("mid_block.attentions.0.proj_in.weight"), "{msg}");
+    assert!(
+        msg.contains("mid_block.attentions.0.proj_in.weight"),
+        "{msg}"
+    );
     assert!(msg.contains("conv_out.bias"), "{msg}");
 
     // A config with one more layer per block: its extra keys are missing, listed by name.
     let mut config = config;
     config.layers_per_block = troupe_models::unet::PerBlock::One(2);
     let mut unet = UNet2DConditionModel::new(&config, &device).unwrap();
-    let mut sd = StateDict::from_dir(&dir, "diffusion_pytorch_model").unwrap().check_only();
+    let mut sd = StateDict::from_dir(&dir, "diffusion_pytorch_model")
+        .unwrap()
+        .check_only();
     unet.load(&mut sd, "");
     match sd.finish("UNet2DConditionModel").unwrap_err() {
         WeightError::Keys { missing, .. } => {
-            assert!(missing.contains(&"down_blocks.0.resnets.1.conv1.weight".to_string()), "{missing:?}")
+            assert!(
+                missing.contains(&"down_blocks.0.resnets.1.conv1.weight".to_string()),
+                "{missing:?}"
+            )
         }
         other => panic!("{other}"),
     }
@@ -161,5 +215,8 @@ fn unsupported_config_values_name_the_field() {
     let err = UNet2DConditionModel::from_dir(dir.path(), &Device::flex(), None).unwrap_err();
     assert!(matches!(err, ModelError::Config(_)), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("down_block_types") && msg.contains("SimpleCrossAttnDownBlock2D"), "{msg}");
+    assert!(
+        msg.contains("down_block_types") && msg.contains("SimpleCrossAttnDownBlock2D"),
+        "{msg}"
+    );
 }

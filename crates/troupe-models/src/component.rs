@@ -1,0 +1,419 @@
+//! One entry point per model component for tools: detect what a folder holds, inspect it
+//! (config, parameter count, dtypes, missing/unexpected keys, without loading tensors), and run
+//! one forward pass on named tensors (`troupe debug forward`), so anyone can compare their
+//! weights with diffusers/transformers.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+
+use crate::attention::{AdapterScales, AttnContext};
+use crate::error::{ConfigError, ModelError};
+use crate::ppr::FaceIdPlusConfig;
+use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
+use crate::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::weights::{LoadReport, StateDict, StoredDType, WeightError, to_host};
+
+/// The components `troupe debug forward` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// `UNet2DConditionModel`.
+    Unet,
+    /// `CLIPTextModel` (SDXL `text_encoder/`).
+    TextEncoder,
+    /// `CLIPTextModelWithProjection` (SDXL `text_encoder_2/`).
+    TextEncoder2,
+    /// `CLIPVisionModelWithProjection`.
+    ImageEncoder,
+    /// `AutoencoderKL` encoder (latent mean).
+    VaeEncoder,
+    /// `AutoencoderKL` decoder.
+    VaeDecoder,
+    /// StoryMaker PPR (`image_proj_model`).
+    Ppr,
+}
+
+impl Component {
+    /// Every component with its command-line name.
+    pub const ALL: [(&'static str, Component); 7] = [
+        ("unet", Component::Unet),
+        ("text-encoder", Component::TextEncoder),
+        ("text-encoder-2", Component::TextEncoder2),
+        ("image-encoder", Component::ImageEncoder),
+        ("vae-encoder", Component::VaeEncoder),
+        ("vae-decoder", Component::VaeDecoder),
+        ("ppr", Component::Ppr),
+    ];
+
+    /// Parses a command-line name (`unet`, `text-encoder`, …).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, c)| *c)
+    }
+}
+
+/// Named tensors on the host, in a stable order.
+pub type NamedTensors = Vec<(String, troupe_pt::Tensor)>;
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> WeightError + '_ {
+    move |source| WeightError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Reads `config.json` of a model folder as JSON.
+pub fn read_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    serde_json::from_str(&text)
+        .map_err(|e| ConfigError::new(&path.display().to_string(), "", e.to_string()).into())
+}
+
+/// Runs `component` once. `model` is the component folder (the adapter file for `ppr`),
+/// `adapter` an optional StoryMaker adapter for the UNet, run with `scales`; `inputs` holds
+/// the named inputs.
+pub fn forward(
+    component: Component,
+    model: &Path,
+    adapter: Option<&Path>,
+    scales: AdapterScales,
+    inputs: &mut StateDict,
+    device: &Device,
+) -> Result<NamedTensors, ModelError> {
+    let f32 = Some(DType::F32);
+    let out = match component {
+        Component::Unet => {
+            let (mut unet, _) = UNet2DConditionModel::from_dir(model, device, f32)?;
+            if let Some(path) = adapter {
+                let mut sd = StateDict::from_file(path)?;
+                let prefix = if sd.shape("ip_adapter.0.to_q_lora.down.weight").is_some() {
+                    "ip_adapter"
+                } else {
+                    ""
+                };
+                unet.load_adapter(&mut sd, prefix, device)?;
+            }
+            let text_embeds = optional(inputs, "text_embeds", device)?;
+            let time_ids = optional(inputs, "time_ids", device)?;
+            let input = UNetInput {
+                sample: inputs.take_any("sample", device)?,
+                timestep: inputs.take_any("timestep", device)?,
+                encoder_hidden_states: inputs.take_any("encoder_hidden_states", device)?,
+                text_embeds,
+                time_ids,
+            };
+            if unet.add_embedding.is_some()
+                && (input.text_embeds.is_none() || input.time_ids.is_none())
+            {
+                return Err(ConfigError::new(
+                    &model.join("config.json").display().to_string(),
+                    "addition_embed_type",
+                    "is text_time: the inputs need `text_embeds` and `time_ids`",
+                )
+                .into());
+            }
+            let ctx = AttnContext {
+                scales,
+                record: Vec::new(),
+            };
+            let out = unet.forward(input, &ctx);
+            vec![("out".to_string(), to_host(out.sample))]
+        }
+        Component::VaeEncoder => {
+            let (vae, _) = AutoencoderKL::from_dir(model, device, f32)?;
+            let mean = vae.encode_mean(inputs.take_any("pixel_values", device)?);
+            vec![("latent_mean".to_string(), to_host(mean))]
+        }
+        Component::VaeDecoder => {
+            let (vae, _) = AutoencoderKL::from_dir(model, device, f32)?;
+            let sample = vae.decode(inputs.take_any("latents", device)?);
+            vec![("sample".to_string(), to_host(sample))]
+        }
+        Component::Ppr => {
+            let mut sd = StateDict::from_file(model)?;
+            let prefix = ppr_prefix(&sd);
+            let config = FaceIdPlusConfig::from_state_dict(&sd, prefix)?;
+            let mut ppr = config.init(device);
+            ppr.load(&mut sd, prefix);
+            sd.finish_part("PPR (faceid_plus)")?;
+            let tokens = ppr.forward(
+                inputs.take_any("id_embeds", device)?,
+                inputs.take_any("clip_char", device)?,
+                inputs.take_any("clip_face", device)?,
+            );
+            vec![("tokens".to_string(), to_host(tokens))]
+        }
+        other => {
+            return Err(ConfigError::new(
+                &model.display().to_string(),
+                "--component",
+                format!("{other:?} is not available in this build"),
+            )
+            .into());
+        }
+    };
+    Ok(out)
+}
+
+/// Takes `key` if the inputs have it.
+fn optional<const D: usize>(
+    inputs: &mut StateDict,
+    key: &str,
+    device: &Device,
+) -> Result<Option<Tensor<D>>, WeightError> {
+    if inputs.shape(key).is_some() {
+        inputs.take_any(key, device).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// `image_proj_model` when the file holds a full adapter, `""` for a bare PPR state dict.
+fn ppr_prefix(sd: &StateDict) -> &'static str {
+    if sd.shape("image_proj_model.pos_embed").is_some() {
+        "image_proj_model"
+    } else {
+        ""
+    }
+}
+
+/// What [`inspect`] found about one component.
+#[derive(Debug, Clone)]
+pub struct Inspection {
+    /// Folder or file inspected.
+    pub path: String,
+    /// Class name (diffusers/transformers, or `StoryMaker adapter`).
+    pub component: String,
+    /// Selected config values, as text.
+    pub config: Vec<(String, String)>,
+    /// Tensors in the weight files and their elements, per stored dtype.
+    pub dtypes: BTreeMap<StoredDType, usize>,
+    /// Parameters (elements) the model uses.
+    pub parameters: u64,
+    /// Keys the model needs that are absent.
+    pub missing: Vec<String>,
+    /// Keys present that the model does not use.
+    pub unexpected: Vec<String>,
+    /// Shape mismatches, as text.
+    pub mismatched: Vec<String>,
+}
+
+/// Inspects a component folder, an SDXL pipeline folder (`model_index.json`: every component
+/// sub-folder), or an adapter `.safetensors` file. Only headers are read.
+pub fn inspect(path: &Path) -> Result<Vec<Inspection>, ModelError> {
+    if path.is_file() {
+        return Ok(vec![inspect_adapter(path)?]);
+    }
+    if path.join("model_index.json").is_file() {
+        let mut out = Vec::new();
+        for sub in [
+            "unet",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "image_encoder",
+        ] {
+            let dir = path.join(sub);
+            if dir.join("config.json").is_file() {
+                out.push(inspect_dir(&dir)?);
+            }
+        }
+        return Ok(out);
+    }
+    Ok(vec![inspect_dir(path)?])
+}
+
+fn class_name(config: &serde_json::Value) -> String {
+    config
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .or_else(|| config.pointer("/architectures/0").and_then(|v| v.as_str()))
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn summary(config: &serde_json::Value, fields: &[&str]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .filter_map(|f| config.get(*f).map(|v| (f.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Turns a check-only load into an [`Inspection`], keys problems included.
+fn finish(
+    path: &Path,
+    component: String,
+    config: Vec<(String, String)>,
+    dtypes: BTreeMap<StoredDType, usize>,
+    result: Result<LoadReport, WeightError>,
+) -> Result<Inspection, ModelError> {
+    let mut out = Inspection {
+        path: path.display().to_string(),
+        component,
+        config,
+        dtypes,
+        parameters: 0,
+        missing: Vec::new(),
+        unexpected: Vec::new(),
+        mismatched: Vec::new(),
+    };
+    match result {
+        Ok(report) => out.parameters = report.parameters,
+        Err(WeightError::Keys {
+            missing,
+            unexpected,
+            shapes,
+            ..
+        }) => {
+            out.missing = missing;
+            out.unexpected = unexpected;
+            out.mismatched = shapes
+                .into_iter()
+                .map(|m| format!("{}: file {:?}, model {:?}", m.key, m.found, m.expected))
+                .collect();
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(out)
+}
+
+fn inspect_dir(dir: &Path) -> Result<Inspection, ModelError> {
+    let config = read_config(dir)?;
+    let class = class_name(&config);
+    match class.as_str() {
+        "UNet2DConditionModel" => {
+            let cfg = UNet2DConditionConfig::from_file(&dir.join("config.json"))?;
+            let device = Device::flex();
+            let mut unet = UNet2DConditionModel::new(&cfg, &device)?;
+            let mut sd = StateDict::from_dir(dir, "diffusion_pytorch_model")?.check_only();
+            let dtypes = sd.dtype_counts();
+            unet.load(&mut sd, "");
+            let fields = [
+                "block_out_channels",
+                "layers_per_block",
+                "transformer_layers_per_block",
+                "attention_head_dim",
+                "num_attention_heads",
+                "cross_attention_dim",
+                "use_linear_projection",
+                "addition_embed_type",
+                "down_block_types",
+                "up_block_types",
+            ];
+            let mut summary = summary(&config, &fields);
+            summary.push((
+                "attention processors".into(),
+                unet.processors().len().to_string(),
+            ));
+            finish(
+                dir,
+                class,
+                summary,
+                dtypes,
+                sd.finish("UNet2DConditionModel"),
+            )
+        }
+        "AutoencoderKL" => {
+            let cfg = AutoencoderKLConfig::from_file(&dir.join("config.json"))?;
+            let mut vae = AutoencoderKL::new(&cfg, &Device::flex())?;
+            let mut sd = StateDict::from_dir(dir, "diffusion_pytorch_model")?.check_only();
+            let dtypes = sd.dtype_counts();
+            vae.load(&mut sd, "");
+            let fields = [
+                "block_out_channels",
+                "layers_per_block",
+                "latent_channels",
+                "norm_num_groups",
+                "scaling_factor",
+                "shift_factor",
+            ];
+            finish(
+                dir,
+                class,
+                summary(&config, &fields),
+                dtypes,
+                sd.finish("AutoencoderKL"),
+            )
+        }
+        other => Err(ConfigError::new(
+            &dir.join("config.json").display().to_string(),
+            "_class_name",
+            format!("`{other}` is not a component troupe knows"),
+        )
+        .into()),
+    }
+}
+
+fn inspect_adapter(path: &Path) -> Result<Inspection, ModelError> {
+    let mut sd = StateDict::from_file(path)?.check_only();
+    let dtypes = sd.dtype_counts();
+    let keys = sd.keys();
+    let mut config = Vec::new();
+    let mut result = Ok(LoadReport::default());
+    let has_ppr =
+        sd.shape("pos_embed").is_some() || sd.shape("image_proj_model.pos_embed").is_some();
+    if has_ppr {
+        let prefix = ppr_prefix(&sd);
+        let c = FaceIdPlusConfig::from_state_dict(&sd, prefix)?;
+        config.extend([
+            (
+                "ppr cross_attention_dim".to_string(),
+                c.cross_attention_dim.to_string(),
+            ),
+            (
+                "ppr id_embeddings_dim".to_string(),
+                c.id_embeddings_dim.to_string(),
+            ),
+            (
+                "ppr clip_embeddings_dim".to_string(),
+                c.clip_embeddings_dim.to_string(),
+            ),
+            (
+                "ppr tokens per character".to_string(),
+                c.tokens_per_slot().to_string(),
+            ),
+            (
+                "ppr max characters".to_string(),
+                c.max_characters.to_string(),
+            ),
+        ]);
+        c.init(&Device::flex()).load(&mut sd, prefix);
+        result = sd
+            .finish_part("PPR (faceid_plus)")
+            .map(|()| LoadReport::default());
+    }
+    let ppr_params = sd.report().parameters;
+    // Processors: `ip_adapter.{i}.*`; report their count and LoRA rank.
+    let processors = keys
+        .iter()
+        .filter_map(|k| {
+            k.strip_prefix("ip_adapter.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1);
+    if let Some([r, _]) = sd.shape("ip_adapter.0.to_q_lora.down.weight") {
+        config.push(("lora rank".into(), r.to_string()));
+    }
+    config.push(("attention processors".into(), processors.to_string()));
+    let adapter_params: u64 = keys
+        .iter()
+        .filter(|k| k.starts_with("ip_adapter."))
+        .filter_map(|k| sd.shape(k))
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum();
+    let mut out = finish(path, "StoryMaker adapter".into(), config, dtypes, result)?;
+    out.parameters = ppr_params + adapter_params;
+    // Left after the PPR: anything that is not a processor key is unexpected.
+    out.unexpected = sd
+        .keys()
+        .into_iter()
+        .filter(|k| !k.starts_with("ip_adapter."))
+        .collect();
+    Ok(out)
+}
