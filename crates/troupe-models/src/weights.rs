@@ -222,6 +222,8 @@ pub struct StateDict {
     metadata: BTreeMap<String, String>,
     dtype: Option<DType>,
     check_only: bool,
+    /// Export mode: module "loaders" copy parameters out instead of in.
+    export: Option<Vec<(String, troupe_pt::Tensor)>>,
     missing: Vec<String>,
     shapes: Vec<ShapeMismatch>,
     report: LoadReport,
@@ -245,10 +247,25 @@ impl StateDict {
             metadata: BTreeMap::new(),
             dtype: Some(DType::F32),
             check_only: false,
+            export: None,
             missing: Vec::new(),
             shapes: Vec::new(),
             report: LoadReport::default(),
         }
+    }
+
+    /// An exporter: running a module's `load(sd, prefix)` on it *collects* the module's
+    /// parameters under their PyTorch keys and layouts instead of loading them, so saving uses
+    /// exactly the key mapping loading uses. Take the result with [`Self::into_exported`].
+    pub fn exporter() -> Self {
+        let mut sd = Self::empty("<export>".into());
+        sd.export = Some(Vec::new());
+        sd
+    }
+
+    /// The tensors an exporter collected (f32, PyTorch layout), in visiting order.
+    pub fn into_exported(self) -> Vec<(String, troupe_pt::Tensor)> {
+        self.export.unwrap_or_default()
     }
 
     /// Memory-maps one `.safetensors` file.
@@ -573,6 +590,14 @@ impl StateDict {
         torch_shape: [usize; D],
         to_burn: impl FnOnce(Tensor<D>) -> Tensor<D>,
     ) {
+        if let Some(out) = self.export.as_mut() {
+            // The layout maps are involutions (identity or a 2-D transpose), so the same
+            // closure turns burn's layout back into PyTorch's.
+            let t = to_burn(p.val());
+            debug_assert_eq!(t.dims(), torch_shape);
+            out.push((key.to_string(), to_host(t)));
+            return;
+        }
         let Some(entry) = self.entries.remove(key) else {
             self.missing.push(key.to_string());
             return;

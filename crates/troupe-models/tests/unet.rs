@@ -220,3 +220,55 @@ fn unsupported_config_values_name_the_field() {
         "{msg}"
     );
 }
+
+#[test]
+fn export_round_trips_the_adapter_keys_and_layouts() {
+    let device = Device::flex();
+    let (mut unet, _) =
+        UNet2DConditionModel::from_dir(&fixture("sdxl_tiny"), &device, Some(DType::F32)).unwrap();
+    let path = fixture("sdxl_tiny_adapter.safetensors");
+    let mut sd = StateDict::from_file(&path).unwrap();
+    unet.load_adapter(&mut sd, "ip_adapter", &device).unwrap();
+    let mut exp = StateDict::exporter();
+    for attn in unet.attentions_mut() {
+        let i = attn.index;
+        attn.adapter
+            .as_mut()
+            .unwrap()
+            .load(&mut exp, &format!("ip_adapter.{i}"));
+    }
+    let exported = exp.into_exported();
+    let mut original = StateDict::from_file(&path).unwrap();
+    assert_eq!(exported.len(), original.keys().len());
+    for (key, t) in exported {
+        let want: Tensor<2> = original.take_any(&key, &device).unwrap();
+        assert_eq!(want.dims().to_vec(), t.shape, "{key}");
+        assert_eq!(
+            want.into_data().try_to_vec::<f32>().unwrap(),
+            t.to_f32_vec().unwrap(),
+            "{key}"
+        );
+    }
+}
+
+#[test]
+fn loading_never_runs_the_random_initialisation() {
+    // Parameters stay lazy until loaded, so an SDXL-size load holds one copy of the weights.
+    let device = Device::flex();
+    let dir = fixture("sd15_tiny");
+    let config =
+        troupe_models::unet::UNet2DConditionConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut unet = UNet2DConditionModel::new(&config, &device).unwrap();
+    assert!(!unet.conv_in.weight.is_initialized());
+    assert!(
+        !unet.up_blocks[1].attentions[0].transformer_blocks[0]
+            .ff
+            .proj
+            .weight
+            .is_initialized()
+    );
+    let mut sd = StateDict::from_dir(&dir, "diffusion_pytorch_model").unwrap();
+    unet.load(&mut sd, "");
+    sd.finish("UNet2DConditionModel").unwrap();
+    assert!(unet.conv_in.weight.is_initialized());
+}
