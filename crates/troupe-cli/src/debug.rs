@@ -54,9 +54,15 @@ pub enum DebugCommand {
 
 #[derive(clap::Args)]
 pub struct BenchUnetArgs {
-    /// A diffusers `unet/config.json`.
+    /// A diffusers `unet/config.json` (random weights).
+    #[arg(long, required_unless_present = "model")]
+    config: Option<PathBuf>,
+    /// A diffusers `unet/` folder: load its weights (reports load time and peak memory).
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// With `--model`: keep the stored precision (f16 stays f16) instead of converting to f32.
     #[arg(long)]
-    config: PathBuf,
+    keep_dtype: bool,
     /// Batch size.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -142,11 +148,27 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
     use troupe_models::attention::AttnContext;
     use troupe_models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
 
-    let config = UNet2DConditionConfig::from_file(&args.config)?;
     let device = Device::flex();
-    let unet = UNet2DConditionModel::new(&config, &device)?;
+    let config_path = match (&args.config, &args.model) {
+        (Some(c), _) => c.clone(),
+        (None, Some(m)) => m.join("config.json"),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let config = UNet2DConditionConfig::from_file(&config_path)?;
+    let rss_before = peak_rss_mb();
+    let mut load = None;
+    let unet = match &args.model {
+        Some(dir) => {
+            let t = std::time::Instant::now();
+            let dtype = (!args.keep_dtype).then_some(burn::tensor::DType::F32);
+            let (unet, report) = UNet2DConditionModel::from_dir(dir, &device, dtype)?;
+            load = Some((t.elapsed().as_secs_f64(), report.parameters, peak_rss_mb()));
+            unet
+        }
+        None => UNet2DConditionModel::new(&config, &device)?,
+    };
     let b = args.batch;
-    let cross = config.down_blocks(&args.config.display().to_string())?[0].cross_attention_dim;
+    let cross = config.down_blocks(&config_path.display().to_string())?[0].cross_attention_dim;
     let normal = Distribution::Normal(0.0, 1.0);
     let input = || UNetInput {
         sample: Tensor::random(
@@ -182,10 +204,18 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
+    if let Some((secs, params, peak)) = load {
+        eprintln!(
+            "loaded {params} parameters in {secs:.2} s; peak RSS {peak:.1} MB after loading (before: {rss_before:.1} MB)"
+        );
+    }
     if args.json {
+        let load = load.map(|(s, p, peak)| {
+            serde_json::json!({"load_s": s, "parameters": p, "peak_rss_mb": peak, "rss_before_mb": rss_before})
+        });
         println!(
             "{}",
-            serde_json::json!({"median_s": median, "times_s": times, "threads": threads})
+            serde_json::json!({"median_s": median, "times_s": times, "threads": threads, "load": load})
         );
     } else {
         println!(
@@ -196,4 +226,15 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Peak resident memory of this process in MB (`VmHWM`; 0 where /proc is unavailable).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
 }

@@ -8,8 +8,8 @@
 //! * torch LayerNorm/GroupNorm `weight`/`bias` → burn `gamma`/`beta`;
 //! * `Sequential`/`ModuleList` indices → named fields (each module documents its mapping).
 //!
-//! Memory: files are memory-mapped and each tensor is copied once, straight into the parameter
-//! it replaces. Modules are created with burn's lazy parameters, so the random initialisation
+//! Memory: headers are memory-mapped; each tensor is read (positioned read) once, straight into
+//! the parameter it replaces. Modules are created with burn's lazy parameters, so the random initialisation
 //! of a model that is then loaded never runs: loading an SDXL UNet holds one copy of the
 //! weights, plus one tensor in flight. With [`StateDict::with_dtype`]`(None)` half-precision
 //! weights stay half precision.
@@ -179,17 +179,50 @@ impl StoredDType {
 }
 
 enum Backing {
-    Mapped(Mmap),
+    /// The map serves the header; tensor bytes are read with positioned reads, so they land
+    /// only in the tensor being built (bytes read through a map would stay resident as page
+    /// cache mapped into this process, doubling its peak RSS).
+    Mapped(Mmap, std::fs::File),
     Owned(Vec<u8>),
 }
 
 impl Backing {
-    fn bytes(&self) -> &[u8] {
+    fn header_bytes(&self) -> &[u8] {
         match self {
-            Backing::Mapped(m) => m,
+            Backing::Mapped(m, _) => m,
             Backing::Owned(v) => v,
         }
     }
+
+    fn read(&self, range: Range<usize>) -> std::io::Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Backing::Mapped(_, file) => {
+                let mut buf = vec![0u8; range.len()];
+                read_exact_at(file, &mut buf, range.start as u64)?;
+                Ok(std::borrow::Cow::Owned(buf))
+            }
+            Backing::Owned(v) => Ok(std::borrow::Cow::Borrowed(&v[range])),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_exact_at(file: &std::fs::File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        let n = file.seek_read(buf, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf = &mut buf[n..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 struct Entry {
@@ -222,6 +255,8 @@ pub struct StateDict {
     metadata: BTreeMap<String, String>,
     dtype: Option<DType>,
     check_only: bool,
+    /// The first read error met by a module loader (reported by `finish`).
+    failure: Option<WeightError>,
     /// Export mode: module "loaders" copy parameters out instead of in.
     export: Option<Vec<(String, troupe_pt::Tensor)>>,
     missing: Vec<String>,
@@ -248,6 +283,7 @@ impl StateDict {
             dtype: Some(DType::F32),
             check_only: false,
             export: None,
+            failure: None,
             missing: Vec::new(),
             shapes: Vec::new(),
             report: LoadReport::default(),
@@ -364,11 +400,11 @@ impl StateDict {
         // SAFETY: the map is read-only; a file truncated by another process while mapped
         // would fault, the usual caveat of every mmap-based weight loader (safetensors, candle).
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
-        self.add_backing(Backing::Mapped(map), &path.display().to_string())
+        self.add_backing(Backing::Mapped(map, file), &path.display().to_string())
     }
 
     fn add_backing(&mut self, backing: Backing, path: &str) -> Result<(), WeightError> {
-        let bytes = backing.bytes();
+        let bytes = backing.header_bytes();
         let format = |message: String| WeightError::Format {
             path: path.to_string(),
             message,
@@ -508,7 +544,7 @@ impl StateDict {
                 message: format!("`{key}` has rank {}, expected {D}", entry.shape.len()),
             });
         }
-        Ok(self.materialise(&entry, device))
+        self.materialise(&entry, device)
     }
 
     /// Takes an integer tensor (int64 or int32, e.g. `input_ids`) with whatever shape it has.
@@ -535,26 +571,33 @@ impl StateDict {
                 ),
             });
         }
-        let bytes = &self.backings[entry.backing].bytes()[entry.range.clone()];
-        let values = int_values(bytes, entry.dtype);
+        let bytes = self.read(&entry)?;
+        let values = int_values(&bytes, entry.dtype);
         Ok(Tensor::from_data(
             TensorData::new(values, entry.shape),
             device,
         ))
     }
 
-    fn materialise<const D: usize>(&mut self, e: &Entry, device: &Device) -> Tensor<D> {
-        let bytes = &self.backings[e.backing].bytes()[e.range.clone()];
+    fn read(&self, e: &Entry) -> Result<std::borrow::Cow<'_, [u8]>, WeightError> {
+        self.backings[e.backing]
+            .read(e.range.clone())
+            .map_err(|source| WeightError::Io {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    fn materialise<const D: usize>(
+        &mut self,
+        e: &Entry,
+        device: &Device,
+    ) -> Result<Tensor<D>, WeightError> {
+        let bytes = self.read(e)?.into_owned();
         let data = match e.dtype {
-            StoredDType::F32 => {
-                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F32)
-            }
-            StoredDType::F16 => {
-                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::F16)
-            }
-            StoredDType::BF16 => {
-                TensorData::from_bytes_vec(bytes.to_vec(), e.shape.clone(), DType::BF16)
-            }
+            StoredDType::F32 => TensorData::from_bytes_vec(bytes, e.shape.clone(), DType::F32),
+            StoredDType::F16 => TensorData::from_bytes_vec(bytes, e.shape.clone(), DType::F16),
+            StoredDType::BF16 => TensorData::from_bytes_vec(bytes, e.shape.clone(), DType::BF16),
             StoredDType::F64 => {
                 let v: Vec<f32> = bytes
                     .chunks_exact(8)
@@ -564,7 +607,7 @@ impl StateDict {
             }
             // Integer tensors only reach here as inputs read with `take_any`: as floats.
             StoredDType::I64 | StoredDType::I32 => TensorData::new(
-                int_values(bytes, e.dtype)
+                int_values(&bytes, e.dtype)
                     .into_iter()
                     .map(|v| v as f32)
                     .collect(),
@@ -575,10 +618,10 @@ impl StateDict {
         self.report.tensors += 1;
         self.report.parameters += e.shape.iter().product::<usize>() as u64;
         *self.report.dtypes.entry(e.dtype).or_default() += 1;
-        Tensor::from_data(
+        Ok(Tensor::from_data(
             data,
             TensorCreationOptions::new(device.clone()).with_dtype(dtype),
-        )
+        ))
     }
 
     /// Replaces `p` by `key`, which must have the PyTorch shape `torch_shape`; `to_burn` maps the
@@ -616,7 +659,13 @@ impl StateDict {
             *self.report.dtypes.entry(entry.dtype).or_default() += 1;
             return;
         }
-        let t = to_burn(self.materialise(&entry, &p.lazy_device()));
+        let t = match self.materialise(&entry, &p.lazy_device()) {
+            Ok(t) => to_burn(t),
+            Err(e) => {
+                self.failure.get_or_insert(e);
+                return;
+            }
+        };
         *p = p.clone().transform_for_load(t, p.id);
     }
 
@@ -670,7 +719,10 @@ impl StateDict {
 
     /// Ends a module load: `Ok` with what was loaded if every key matched and was used,
     /// otherwise one error listing all missing, unexpected and mis-shaped keys.
-    pub fn finish(self, module: &str) -> Result<LoadReport, WeightError> {
+    pub fn finish(mut self, module: &str) -> Result<LoadReport, WeightError> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
         if self.missing.is_empty() && self.shapes.is_empty() && self.entries.is_empty() {
             return Ok(self.report);
         }
@@ -687,6 +739,9 @@ impl StateDict {
     /// modules, e.g. an adapter file with `image_proj_model.*` and `ip_adapter.*`). Missing or
     /// mis-shaped keys are still an error.
     pub fn finish_part(&mut self, module: &str) -> Result<(), WeightError> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
         if self.missing.is_empty() && self.shapes.is_empty() {
             return Ok(());
         }
