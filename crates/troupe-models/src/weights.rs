@@ -259,6 +259,8 @@ pub struct StateDict {
     failure: Option<WeightError>,
     /// Export mode: module "loaders" copy parameters out instead of in.
     export: Option<Vec<(String, troupe_pt::Tensor)>>,
+    /// Naming mode: module "loaders" record each parameter's key and id.
+    names: Option<Vec<(String, burn::module::ParamId)>>,
     missing: Vec<String>,
     shapes: Vec<ShapeMismatch>,
     report: LoadReport,
@@ -283,6 +285,7 @@ impl StateDict {
             dtype: Some(DType::F32),
             check_only: false,
             export: None,
+            names: None,
             failure: None,
             missing: Vec::new(),
             shapes: Vec::new(),
@@ -297,6 +300,19 @@ impl StateDict {
         let mut sd = Self::empty("<export>".into());
         sd.export = Some(Vec::new());
         sd
+    }
+
+    /// A namer: running a module's `load(sd, prefix)` on it records each parameter's PyTorch
+    /// key and burn [`ParamId`](burn::module::ParamId) (to name optimizer state and gradients).
+    pub fn namer() -> Self {
+        let mut sd = Self::empty("<names>".into());
+        sd.names = Some(Vec::new());
+        sd
+    }
+
+    /// The (key, id) pairs a namer collected, in visiting order.
+    pub fn into_names(self) -> Vec<(String, burn::module::ParamId)> {
+        self.names.unwrap_or_default()
     }
 
     /// The tensors an exporter collected (f32, PyTorch layout), in visiting order.
@@ -633,6 +649,10 @@ impl StateDict {
         torch_shape: [usize; D],
         to_burn: impl FnOnce(Tensor<D>) -> Tensor<D>,
     ) {
+        if let Some(names) = self.names.as_mut() {
+            names.push((key.to_string(), p.id));
+            return;
+        }
         if let Some(out) = self.export.as_mut() {
             // The layout maps are involutions (identity or a 2-D transpose), so the same
             // closure turns burn's layout back into PyTorch's.

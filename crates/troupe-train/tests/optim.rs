@@ -1,0 +1,104 @@
+//! AdamW against `torch.optim.AdamW` (fixture: `scripts/make_optim_fixtures.py`), global-norm
+//! clipping and the learning-rate schedules.
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use troupe_train::optim::{AdamW, AdamWConfig, LrSchedule, ParamNames, clip_grad_norm};
+
+fn linear_with(values: &[f32], device: &Device) -> Linear {
+    let mut l: Linear = LinearConfig::new(4, 3).with_bias(false).init(device);
+    l.weight = Param::from_tensor(Tensor::from_data(
+        TensorData::new(values.to_vec(), [3, 4]),
+        device,
+    ));
+    l
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn adamw_matches_pytorch() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/adamw.json");
+    let fx: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let device = Device::flex();
+    let mut l = linear_with(&floats(&fx["init"]), &device);
+    let mut names = ParamNames::default();
+    names.add(vec![("weight".into(), l.weight.id)], 0);
+    let mut opt = AdamW::new(AdamWConfig::default());
+    for (i, step) in fx["steps"].as_array().unwrap().iter().enumerate() {
+        let mut grads = GradientsParams::new();
+        grads.register(
+            l.weight.id,
+            Tensor::<2>::from_data(TensorData::new(floats(&step["grad"]), [3, 4]), &device),
+        );
+        l = opt.step(l, &names, &mut grads, &[step["lr"].as_f64().unwrap()]);
+        let got = l.weight.val().into_data().try_to_vec::<f32>().unwrap();
+        let want = floats(&step["param"]);
+        let err = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= 2e-6, "step {i}: max abs error {err}");
+    }
+    assert_eq!(opt.step, 4);
+    assert!(opt.state.contains_key("weight"));
+}
+
+#[test]
+fn global_norm_clipping_scales_all_gradients_together() {
+    let device = Device::flex();
+    let a = linear_with(&[0.0; 12], &device);
+    let mut names = ParamNames::default();
+    names.add(vec![("weight".into(), a.weight.id)], 0);
+    let mut grads = GradientsParams::new();
+    // 12 entries of 1.0: norm √12 ≈ 3.46.
+    grads.register(a.weight.id, Tensor::<2>::ones([3, 4], &device));
+    let norm = clip_grad_norm(&a, &names, &mut grads, Some(1.0));
+    assert!((norm - 12f64.sqrt()).abs() < 1e-5);
+    let g: Tensor<2> = grads.get(a.weight.id).unwrap();
+    let after: f32 = g.square().sum().sqrt().into_scalar();
+    assert!((after - 1.0).abs() < 1e-4, "clipped norm {after}");
+    // Below the limit: untouched.
+    let norm = clip_grad_norm(&a, &names, &mut grads, Some(10.0));
+    assert!((norm - 1.0).abs() < 1e-4);
+}
+
+#[test]
+fn schedules() {
+    assert_eq!(LrSchedule::Constant.factor(123), 1.0);
+    let w = LrSchedule::LinearWarmup { warmup_steps: 4 };
+    assert_eq!(
+        [w.factor(0), w.factor(1), w.factor(3), w.factor(10)],
+        [0.25, 0.5, 1.0, 1.0]
+    );
+    let c = LrSchedule::Cosine {
+        warmup_steps: 0,
+        total_steps: 100,
+        min_ratio: 0.1,
+    };
+    assert!(
+        (c.factor(0) - 1.0).abs() < 1e-12
+            && (c.factor(50) - 0.55).abs() < 1e-12
+            && (c.factor(100) - 0.1).abs() < 1e-12
+    );
+    let p = LrSchedule::Piecewise {
+        boundaries: vec![4000],
+        factors: vec![0.5],
+    };
+    assert_eq!([p.factor(3999), p.factor(4000)], [1.0, 0.5]);
+    let bad = LrSchedule::Piecewise {
+        boundaries: vec![10, 5],
+        factors: vec![1.0, 1.0],
+    };
+    assert!(bad.validate().unwrap_err().contains("increase"));
+}
