@@ -226,3 +226,66 @@ fn debug_forward_vae_encoder_and_decoder_match_diffusers() {
         assert!(e <= 1e-4, "{component}: max abs error {e}");
     }
 }
+
+#[test]
+fn debug_forward_clip_encoders_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let clip = fixtures().join("clip");
+    for (component, dir, outputs) in [
+        (
+            "text-encoder",
+            "text_quick",
+            &["last_hidden_state", "penultimate_hidden_state", "pooled"][..],
+        ),
+        (
+            "text-encoder-2",
+            "text_proj",
+            &["penultimate_hidden_state", "text_embeds"][..],
+        ),
+        (
+            "image-encoder",
+            "vision",
+            &["penultimate_hidden_state", "image_embeds"][..],
+        ),
+    ] {
+        let io = clip.join(dir).join("io.safetensors");
+        let output = tmp.path().join(format!("{component}.safetensors"));
+        let out = troupe(&[
+            "debug",
+            "forward",
+            "--component",
+            component,
+            "--model",
+            s(&clip.join(dir)),
+            "--inputs",
+            s(&io),
+            "--output",
+            s(&output),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = Device::flex();
+        let mut got = StateDict::from_file(&output).unwrap();
+        let mut want = StateDict::from_file(&io).unwrap();
+        for name in outputs {
+            let rank = want.shape(name).unwrap().len();
+            let e: f32 = if rank == 3 {
+                let (a, b): (Tensor<3>, Tensor<3>) = (
+                    got.take_any(name, &device).unwrap(),
+                    want.take_any(name, &device).unwrap(),
+                );
+                (a - b).abs().max().into_scalar()
+            } else {
+                let (a, b): (Tensor<2>, Tensor<2>) = (
+                    got.take_any(name, &device).unwrap(),
+                    want.take_any(name, &device).unwrap(),
+                );
+                (a - b).abs().max().into_scalar()
+            };
+            assert!(e <= 1e-4, "{component} {name}: max abs error {e}");
+        }
+    }
+}

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::attention::{AdapterScales, AttnContext};
+use crate::clip::{ClipConfig, ClipTextModel, ClipVisionModel};
 use crate::error::{ConfigError, ModelError};
 use crate::ppr::FaceIdPlusConfig;
 use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
@@ -121,6 +122,36 @@ pub fn forward(
             let out = unet.forward(input, &ctx);
             vec![("out".to_string(), to_host(out.sample))]
         }
+        Component::TextEncoder | Component::TextEncoder2 => {
+            let (te, _) = ClipTextModel::from_dir(model, device, f32)?;
+            let out = te.forward(inputs.take_int("input_ids", device)?);
+            let mut v = vec![
+                (
+                    "last_hidden_state".to_string(),
+                    to_host(out.last_hidden_state),
+                ),
+                (
+                    "penultimate_hidden_state".to_string(),
+                    to_host(out.penultimate_hidden_state),
+                ),
+                ("pooled".to_string(), to_host(out.pooled)),
+            ];
+            if let Some(t) = out.text_embeds {
+                v.push(("text_embeds".to_string(), to_host(t)));
+            }
+            v
+        }
+        Component::ImageEncoder => {
+            let (enc, _) = ClipVisionModel::from_dir(model, device, f32)?;
+            let out = enc.forward(inputs.take_any("pixel_values", device)?);
+            vec![
+                (
+                    "penultimate_hidden_state".to_string(),
+                    to_host(out.penultimate_hidden_state),
+                ),
+                ("image_embeds".to_string(), to_host(out.image_embeds)),
+            ]
+        }
         Component::VaeEncoder => {
             let (vae, _) = AutoencoderKL::from_dir(model, device, f32)?;
             let mean = vae.encode_mean(inputs.take_any("pixel_values", device)?);
@@ -144,14 +175,6 @@ pub fn forward(
                 inputs.take_any("clip_face", device)?,
             );
             vec![("tokens".to_string(), to_host(tokens))]
-        }
-        other => {
-            return Err(ConfigError::new(
-                &model.display().to_string(),
-                "--component",
-                format!("{other:?} is not available in this build"),
-            )
-            .into());
         }
     };
     Ok(out)
@@ -313,6 +336,38 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, ModelError> {
                 summary,
                 dtypes,
                 sd.finish("UNet2DConditionModel"),
+            )
+        }
+        "CLIPTextModel" | "CLIPTextModelWithProjection" | "CLIPVisionModelWithProjection" => {
+            let cfg = ClipConfig::from_file(&dir.join("config.json"))?;
+            let device = Device::flex();
+            let mut sd = StateDict::from_dir(dir, "model")?.check_only();
+            let dtypes = sd.dtype_counts();
+            let fields = [
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "projection_dim",
+                "hidden_act",
+                "vocab_size",
+                "image_size",
+                "patch_size",
+            ];
+            let result = if class == "CLIPVisionModelWithProjection" {
+                ClipVisionModel::new(&cfg, &device)?.load(&mut sd);
+                sd.finish(&class)
+            } else {
+                let projection = class == "CLIPTextModelWithProjection";
+                ClipTextModel::new(&cfg, projection, &device).load(&mut sd);
+                sd.finish(&class)
+            };
+            finish(
+                dir,
+                class.clone(),
+                summary(&config, &fields),
+                dtypes,
+                result,
             )
         }
         "AutoencoderKL" => {

@@ -8,11 +8,13 @@
 //!   built from [`resnet`], [`transformer`] and [`attention`] blocks; [`attention`] also holds
 //!   StoryMaker's LoRA + decoupled image cross-attention processors.
 //! * [`vae`]: diffusers `AutoencoderKL` (encoder to a latent Gaussian, decoder) from its config.
+//! * [`clip`]: transformers' CLIP text encoders (+ SDXL prompt encoding) and vision encoder.
 //! * [`component`]: detect, inspect and run any component on named tensors (CLI tools).
 //! * [`weights`]: loading PyTorch safetensors state dicts (single, sharded, f32/f16/bf16) into
 //!   those modules; [`error`]: config and weight errors.
 
 pub mod attention;
+pub mod clip;
 pub mod component;
 pub mod error;
 pub mod ppr;
