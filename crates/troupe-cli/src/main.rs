@@ -5,6 +5,7 @@ mod bench;
 mod data;
 mod debug;
 mod inspect;
+mod train;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,8 @@ enum Command {
     /// unexpected keys (reads only file headers). Accepts a component folder, an SDXL pipeline
     /// folder (`model_index.json`) or an adapter `.safetensors` file.
     Inspect(inspect::InspectArgs),
+    /// Train a StoryMaker adapter: `--config FILE.toml [--set key=value …]` or `--resume RUN_DIR`.
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Data(cmd) => data::run(cmd),
         Command::Debug(cmd) => debug::run(cmd),
         Command::Inspect(args) => inspect::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

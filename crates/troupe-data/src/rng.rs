@@ -24,6 +24,8 @@ pub enum Purpose {
     Window = 3,
     /// Per-sample augmentation and dropout decisions.
     Sample = 4,
+    /// Training-step randomness (diffusion noise, timesteps, token-group dropout).
+    Train = 5,
 }
 
 /// A small deterministic generator keyed by (seed, purpose, a, b).

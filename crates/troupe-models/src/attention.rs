@@ -45,6 +45,9 @@ pub struct AttnContext {
     pub scales: AdapterScales,
     /// Processor indices whose image-attention probabilities are recorded.
     pub record: Vec<usize>,
+    /// Additive bias on the image-token scores `[B, N_ip]`: 0 for real tokens, a large
+    /// negative value for padding (batches whose images have different character counts).
+    pub ip_bias: Option<Tensor<2>>,
 }
 
 /// Head-averaged image-attention probabilities of one cross-attention layer.
@@ -302,10 +305,21 @@ impl Attention {
         if let Some((tokens, (to_k_ip, to_v_ip))) = image {
             let k_ip = self.split_heads(to_k_ip.forward(tokens.clone())); // [B, H, Ni, dh]
             let v_ip = self.split_heads(to_v_ip.forward(tokens)); // [B, H, Ni, dh]
+            let [b, h, n, _] = q.dims();
+            let ni = k_ip.dims()[2];
+            let bias = ctx.ip_bias.as_ref().map(|bias| {
+                bias.clone()
+                    .cast(q.dtype())
+                    .reshape([b, 1, 1, ni])
+                    .expand([b, h, n, ni])
+            });
             let a_ip = if ctx.record.contains(&self.index) {
                 // Explicit softmax path, as the reference's `ip_loss > 0` branch.
                 let scale = (self.dim_head as f64).powf(-0.5);
-                let w = q.matmul(k_ip.swap_dims(2, 3)).mul_scalar(scale); // [B, H, N, Ni]
+                let mut w = q.matmul(k_ip.swap_dims(2, 3)).mul_scalar(scale); // [B, H, N, Ni]
+                if let Some(bias) = bias {
+                    w = w + bias;
+                }
                 let dtype = w.dtype();
                 let p = softmax(w.cast(FloatDType::F32), 3); // [B, H, N, Ni]
                 let [b, h, n, ni] = p.dims();
@@ -316,7 +330,7 @@ impl Attention {
                 });
                 p.cast(dtype).matmul(v_ip) // [B, H, N, dh]
             } else {
-                attention(q, k_ip, v_ip, None, None, opts)
+                attention(q, k_ip, v_ip, None, bias, opts)
             };
             out = out + a_ip.mul_scalar(ctx.scales.ip);
         }

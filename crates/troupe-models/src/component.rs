@@ -117,7 +117,7 @@ pub fn forward(
             }
             let ctx = AttnContext {
                 scales,
-                record: Vec::new(),
+                ..AttnContext::default()
             };
             let out = unet.forward(input, &ctx);
             vec![("out".to_string(), to_host(out.sample))]

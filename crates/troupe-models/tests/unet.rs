@@ -120,6 +120,7 @@ fn storymaker_processors_match_reference() {
             text_tokens: 77,
         },
         record: cross.clone(),
+        ip_bias: None,
     };
     let mut io = StateDict::from_file(fixture("sdxl_tiny/io_adapter.safetensors")).unwrap();
     let out = unet.forward(inputs(&mut io, &device), &ctx);

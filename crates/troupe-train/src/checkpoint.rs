@@ -1,0 +1,204 @@
+//! Atomic checkpoints with exact resume.
+//!
+//! A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
+//! * `adapter.safetensors`: the trainable weights in the export layout,
+//! * `optimizer.safetensors`: AdamW moments by parameter key (`exp_avg.<key>`, `exp_avg_sq.<key>`),
+//! * `state.json`: step, optimizer step count, loader position, failure counters, seed,
+//! * `COMPLETE`: SHA-256 of each file above, written last.
+//!
+//! It is written into a temporary folder, every file fsynced, then renamed into place, so a
+//! checkpoint folder either is complete or does not exist; a checkpoint whose `COMPLETE` is
+//! missing or whose checksums differ is never loaded. Randomness is keyed by (seed, step), so
+//! the step is the whole RNG state.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use troupe_data::loader::LoaderState;
+use troupe_models::weights::{StateDict, to_host, write_safetensors};
+
+use crate::optim::{AdamW, Moments};
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// AdamW's step count (equals `step` minus skipped steps).
+    pub optimizer_steps: u64,
+    /// Loader position after the last consumed batch.
+    pub loader: LoaderState,
+    /// Non-finite steps skipped so far.
+    pub skipped_nonfinite: u64,
+    /// Consecutive non-finite steps at save time.
+    pub consecutive_nonfinite: u64,
+    /// Run seed.
+    pub seed: u64,
+}
+
+const FILES: [&str; 3] = ["adapter.safetensors", "optimizer.safetensors", "state.json"];
+
+fn sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+fn fsync_dir(dir: &Path) {
+    // Directory fsync makes the rename durable; not supported everywhere, so best effort.
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// Folder of step `step` under `run_dir`.
+pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// Writes a checkpoint atomically, then deletes all but the newest `keep_last` complete ones.
+pub fn save(
+    run_dir: &Path,
+    adapter: Vec<(String, troupe_pt::Tensor)>,
+    optimizer: &AdamW,
+    state: &TrainState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let final_dir = checkpoint_dir(run_dir, state.step);
+    let tmp = root.join(format!(".tmp-step-{:08}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir(&tmp)?;
+    write_safetensors(&tmp.join("adapter.safetensors"), &adapter, None)?;
+    let mut moments = Vec::new();
+    for (key, Moments { m, v }) in &optimizer.state {
+        moments.push((format!("exp_avg.{key}"), to_host(m.clone())));
+        moments.push((format!("exp_avg_sq.{key}"), to_host(v.clone())));
+    }
+    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)?;
+    let json = serde_json::to_vec_pretty(state)?;
+    write_synced(&tmp.join("state.json"), &json)?;
+    let mut complete = String::new();
+    for f in FILES {
+        complete.push_str(&format!("{}  {f}\n", sha256(&tmp.join(f))?));
+    }
+    write_synced(&tmp.join("COMPLETE"), complete.as_bytes())?;
+    fsync_dir(&tmp);
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir)?;
+    }
+    std::fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
+    fsync_dir(&root);
+    let complete = list(run_dir)?;
+    for old in complete.iter().rev().skip(keep_last) {
+        std::fs::remove_dir_all(&old.1)?;
+    }
+    Ok(final_dir)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Checkpoint folders by step, oldest first (complete or not).
+pub fn list(run_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let root = run_dir.join("checkpoints");
+    let mut out = Vec::new();
+    if !root.is_dir() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(&root)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Checks `COMPLETE` and every checksum.
+pub fn verify(dir: &Path) -> Result<()> {
+    let complete = dir.join("COMPLETE");
+    let text = std::fs::read_to_string(&complete)
+        .with_context(|| format!("{}: no COMPLETE marker (half-written)", dir.display()))?;
+    let mut listed = BTreeMap::new();
+    for line in text.lines() {
+        if let Some((sum, file)) = line.split_once("  ") {
+            listed.insert(file.to_string(), sum.to_string());
+        }
+    }
+    for f in FILES {
+        let want = listed
+            .get(f)
+            .with_context(|| format!("{}: COMPLETE lists no checksum for {f}", dir.display()))?;
+        let got = sha256(&dir.join(f))?;
+        if &got != want {
+            bail!("{}: checksum mismatch for {f} (corrupted)", dir.display());
+        }
+    }
+    Ok(())
+}
+
+/// A verified checkpoint, read back.
+pub struct Loaded {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// `state.json`.
+    pub state: TrainState,
+    /// The adapter weights.
+    pub adapter: StateDict,
+    /// AdamW moments by key, flattened.
+    pub moments: BTreeMap<String, Moments>,
+}
+
+/// Loads the newest checkpoint that verifies; the newer ones that do not are reported in
+/// `rejected` (folder and reason), never loaded.
+pub fn load_latest(run_dir: &Path, device: &Device) -> Result<(Option<Loaded>, Vec<String>)> {
+    let mut rejected = Vec::new();
+    for (_, dir) in list(run_dir)?.into_iter().rev() {
+        match verify(&dir).and_then(|()| read(&dir, device)) {
+            Ok(l) => return Ok((Some(l), rejected)),
+            Err(e) => rejected.push(format!("{e:#}")),
+        }
+    }
+    Ok((None, rejected))
+}
+
+fn read(dir: &Path, device: &Device) -> Result<Loaded> {
+    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
+        .with_context(|| format!("{}: state.json", dir.display()))?;
+    let adapter = StateDict::from_file(dir.join("adapter.safetensors"))?;
+    let mut opt = StateDict::from_file(dir.join("optimizer.safetensors"))?;
+    let mut moments = BTreeMap::new();
+    for key in opt.keys() {
+        if let Some(name) = key.strip_prefix("exp_avg.") {
+            let inner = device.clone().inner();
+            let m = opt.take_any::<1>(&key, &inner)?;
+            let v = opt.take_any::<1>(&format!("exp_avg_sq.{name}"), &inner)?;
+            moments.insert(name.to_string(), Moments { m, v });
+        }
+    }
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        state,
+        adapter,
+        moments,
+    })
+}

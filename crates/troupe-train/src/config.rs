@@ -1,0 +1,388 @@
+//! The training config: one TOML file (`configs/*.toml`) plus `--set key=value` overrides.
+//! Unknown keys are rejected, every value is validated with a message naming its key, and the
+//! fully resolved config is written back into the run directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::objective::ObjectiveConfig;
+use crate::optim::{AdamWConfig, LrSchedule};
+
+/// A config problem, naming the file and key.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    /// The config file (or `--set`).
+    pub path: String,
+    /// What is wrong, naming the key.
+    pub message: String,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run directory: resolved config, checkpoints, metrics, exports.
+    pub dir: PathBuf,
+}
+
+/// `[model]`: where the frozen components and the initial adapter come from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// SDXL diffusers folder (`unet/`, `vae/`, `text_encoder{,_2}/`, `tokenizer{,_2}/`,
+    /// `scheduler/`).
+    pub base: PathBuf,
+    /// CLIP image encoder folder (`CLIPVisionModelWithProjection`).
+    pub image_encoder: PathBuf,
+    /// LoRA rank of every attention processor (128 in StoryMaker).
+    #[serde(default = "rank")]
+    pub lora_rank: usize,
+    /// IP-Adapter-FaceID-PlusV2-SDXL checkpoint (`.bin` or `.safetensors`) to start from.
+    #[serde(default)]
+    pub pretrained_adapter: Option<PathBuf>,
+    /// IP-Adapter-Plus-SDXL-ViT-H checkpoint whose `image_proj` becomes `resample`.
+    #[serde(default)]
+    pub pretrained_ip_plus: Option<PathBuf>,
+    /// PPR resampler depth (4).
+    #[serde(default = "depth")]
+    pub ppr_depth: usize,
+    /// PPR head width (64).
+    #[serde(default = "dim_head")]
+    pub ppr_dim_head: usize,
+    /// Face tokens per character (4).
+    #[serde(default = "num_tokens")]
+    pub ppr_num_tokens: usize,
+    /// Body tokens per character (16).
+    #[serde(default = "num_queries")]
+    pub ppr_num_queries: usize,
+    /// Character slots (3).
+    #[serde(default = "max_characters")]
+    pub max_characters: usize,
+}
+
+fn rank() -> usize {
+    128
+}
+fn depth() -> usize {
+    4
+}
+fn dim_head() -> usize {
+    64
+}
+fn num_tokens() -> usize {
+    4
+}
+fn num_queries() -> usize {
+    16
+}
+fn max_characters() -> usize {
+    3
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Shard files or folders.
+    pub shards: Vec<PathBuf>,
+    /// Decoding threads (0 = all cores).
+    #[serde(default)]
+    pub workers: usize,
+    /// Shuffle window in rows.
+    #[serde(default = "window")]
+    pub shuffle_window: usize,
+    /// `None`: the reference size rule (long ≤ 1286, short ≤ 960, ×64). `Some(side)`: aspect
+    /// buckets of about `side²` pixels with sides multiple of 64 (or of `side/4` when smaller).
+    #[serde(default)]
+    pub resolution: Option<u32>,
+    /// `fail` (default) or `skip` rows that do not decode.
+    #[serde(default = "fail")]
+    pub on_bad_row: String,
+}
+
+fn window() -> usize {
+    256
+}
+fn fail() -> String {
+    "fail".into()
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Seed of every random choice (data order, noise, dropout, initialisation).
+    pub seed: u64,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Base learning rate of the PPR (`image_proj_model`).
+    #[serde(default = "lr")]
+    pub lr: f64,
+    /// Base learning rate of the processors (LoRA, `to_k_ip`/`to_v_ip`).
+    #[serde(default = "lr")]
+    pub lr_adapter: f64,
+    /// Learning-rate schedule.
+    #[serde(default = "constant")]
+    pub schedule: LrSchedule,
+    /// AdamW settings.
+    #[serde(default)]
+    pub adamw: AdamWConfig,
+    /// Global gradient-norm limit (`None` = no clipping).
+    #[serde(default = "clip")]
+    pub max_grad_norm: Option<f64>,
+    /// Consecutive non-finite steps after which the run stops.
+    #[serde(default = "nonfinite")]
+    pub max_nonfinite_steps: u64,
+    /// Log a metrics line every N steps.
+    #[serde(default = "one_u64")]
+    pub log_every: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn lr() -> f64 {
+    1e-4
+}
+fn constant() -> LrSchedule {
+    LrSchedule::Constant
+}
+fn clip() -> Option<f64> {
+    Some(1.0)
+}
+fn nonfinite() -> u64 {
+    5
+}
+
+/// `[checkpoint]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every N optimizer steps (and at the end, and on SIGINT/SIGTERM).
+    pub every_steps: u64,
+    /// Complete checkpoints kept (older ones are deleted).
+    pub keep_last: usize,
+}
+
+/// The whole config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `[run]`.
+    pub run: RunConfig,
+    /// `[model]`.
+    pub model: ModelConfig,
+    /// `[data]`.
+    pub data: DataConfig,
+    /// `[train]`.
+    pub train: TrainSection,
+    /// `[objective]`.
+    #[serde(default)]
+    pub objective: ObjectiveConfig,
+    /// `[checkpoint]`.
+    pub checkpoint: CheckpointConfig,
+}
+
+impl TrainConfig {
+    /// Reads `path`, applies `key=value` overrides (values parsed as TOML, else as strings),
+    /// resolves relative paths against the current directory, and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let err = |message: String| ConfigError {
+            path: shown.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let mut value: toml::Table = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        for o in overrides {
+            set(&mut value, o).map_err(|message| ConfigError {
+                path: "--set".into(),
+                message,
+            })?;
+        }
+        let config: Self = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.to_string()))?;
+        config.validate().map_err(err)?;
+        Ok(config)
+    }
+
+    /// Parses a resolved config (as written into a run directory).
+    pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError {
+            path: path.into(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The config as TOML, every default filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serialises")
+    }
+
+    /// Checks every value; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.train;
+        let check = |ok: bool, key: &str, what: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(format!("`{key}` {what}"))
+            }
+        };
+        check(t.max_steps > 0, "train.max_steps", "must be > 0")?;
+        check(t.batch_size > 0, "train.batch_size", "must be > 0")?;
+        check(t.grad_accum > 0, "train.grad_accum", "must be > 0")?;
+        check(
+            t.lr > 0.0 && t.lr.is_finite(),
+            "train.lr",
+            "must be a positive number",
+        )?;
+        check(
+            t.lr_adapter >= 0.0 && t.lr_adapter.is_finite(),
+            "train.lr_adapter",
+            "must be ≥ 0",
+        )?;
+        check(t.log_every > 0, "train.log_every", "must be > 0")?;
+        check(
+            t.max_nonfinite_steps > 0,
+            "train.max_nonfinite_steps",
+            "must be > 0",
+        )?;
+        if let Some(n) = t.max_grad_norm {
+            check(
+                n > 0.0,
+                "train.max_grad_norm",
+                "must be > 0 (omit it to disable clipping)",
+            )?;
+        }
+        let a = &t.adamw;
+        check(
+            (0.0..1.0).contains(&a.beta1),
+            "train.adamw.beta1",
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&a.beta2),
+            "train.adamw.beta2",
+            "must be in [0, 1)",
+        )?;
+        check(a.eps > 0.0, "train.adamw.eps", "must be > 0")?;
+        check(
+            a.weight_decay >= 0.0,
+            "train.adamw.weight_decay",
+            "must be ≥ 0",
+        )?;
+        t.schedule
+            .validate()
+            .map_err(|e| format!("`train.schedule`: {e}"))?;
+        let c = &self.checkpoint;
+        check(c.every_steps > 0, "checkpoint.every_steps", "must be > 0")?;
+        check(c.keep_last > 0, "checkpoint.keep_last", "must be > 0")?;
+        let m = &self.model;
+        check(m.lora_rank > 0, "model.lora_rank", "must be > 0")?;
+        check(
+            (1..=3).contains(&m.max_characters),
+            "model.max_characters",
+            "must be 1, 2 or 3",
+        )?;
+        check(m.ppr_dim_head > 0, "model.ppr_dim_head", "must be > 0")?;
+        let d = &self.data;
+        check(
+            !d.shards.is_empty(),
+            "data.shards",
+            "must name at least one shard or folder",
+        )?;
+        check(d.shuffle_window > 0, "data.shuffle_window", "must be > 0")?;
+        check(
+            matches!(d.on_bad_row.as_str(), "fail" | "skip"),
+            "data.on_bad_row",
+            "must be \"fail\" or \"skip\"",
+        )?;
+        if let Some(r) = d.resolution {
+            check(
+                r >= 16 && r % 16 == 0,
+                "data.resolution",
+                "must be a multiple of 16, ≥ 16",
+            )?;
+        }
+        let o = &self.objective;
+        check(
+            o.noise_offset >= 0.0,
+            "objective.noise_offset",
+            "must be ≥ 0",
+        )?;
+        check(
+            o.mask_loss_weight >= 0.0,
+            "objective.mask_loss_weight",
+            "must be ≥ 0",
+        )?;
+        check(
+            o.attn_loss_weight >= 0.0,
+            "objective.attn_loss_weight",
+            "must be ≥ 0",
+        )?;
+        check(
+            o.attn_latent_downscale.is_power_of_two(),
+            "objective.attn_latent_downscale",
+            "must be a power of two",
+        )?;
+        for (key, p) in [
+            ("objective.drop_face_tokens", o.drop_face_tokens),
+            ("objective.drop_body_tokens", o.drop_body_tokens),
+        ] {
+            check(
+                (0.0..=1.0).contains(&p),
+                key,
+                "must be a probability in [0, 1]",
+            )?;
+        }
+        if let Some(g) = o.snr_gamma {
+            check(g > 0.0, "objective.snr_gamma", "must be > 0")?;
+        }
+        Ok(())
+    }
+}
+
+/// Applies one `a.b.c=value` override to a TOML table.
+fn set(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .ok_or_else(|| format!("`{assignment}` is not key=value"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{key}` is not a dotted key"));
+    }
+    // A TOML value (`3`, `1e-4`, `true`, `"x"`, `[..]`, `{..}`), else the raw text as a string.
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.trim().to_string()));
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{key}`: `{p}` is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}

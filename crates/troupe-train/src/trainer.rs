@@ -1,0 +1,319 @@
+//! The step-based training loop: read it top to bottom.
+//!
+//! for each optimizer step: `grad_accum` micro-batches (forward, backward, accumulate) →
+//! skip the step if the loss or the gradient norm is not finite → global-norm clip → AdamW with
+//! per-group learning rates → metrics line → checkpoint every N steps, at the end, and when
+//! SIGINT/SIGTERM arrives.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
+use troupe_data::plan::SizeRule;
+use troupe_data::recipe::RecipeConfig;
+use troupe_data::rng::{KeyedRng, Purpose};
+use troupe_data::shard::find_shards;
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::TrainConfig;
+use crate::model::{Adapter, Frozen, StepNoise, forward, load_models, require_dir};
+use crate::optim::{AdamW, clip_grad_norm};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Whether it stopped early on a signal.
+    pub interrupted: bool,
+    /// Last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Mean total loss of the first and last logged steps.
+    pub first_loss: Option<f64>,
+    /// See `first_loss`.
+    pub last_loss: Option<f64>,
+}
+
+/// Name of the resolved config inside a run directory.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// Starts a run from `config` (its `run.dir` must not hold checkpoints yet).
+pub fn train(config: TrainConfig, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let dir = config.run.dir.clone();
+    if !checkpoint::list(&dir)?.is_empty() {
+        bail!(
+            "{} already holds checkpoints: continue it with `troupe train --resume {}`, or choose another `run.dir`",
+            dir.display(),
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(CONFIG_FILE), config.to_toml())?;
+    run(config, false, stop)
+}
+
+/// Continues the run in `run_dir` from its newest complete checkpoint.
+pub fn resume(run_dir: &Path, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let path = run_dir.join(CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config = TrainConfig::from_toml(&text, &path.display().to_string())?;
+    run(config, true, stop)
+}
+
+fn loader_config(config: &TrainConfig, frozen: &Frozen) -> LoaderConfig {
+    let d = &config.data;
+    let size_rule = match d.resolution {
+        None => SizeRule::reference(),
+        Some(side) => SizeRule::buckets(side * side, (side / 4).min(64), 2.0),
+    };
+    let mut recipe = RecipeConfig::default();
+    recipe.crop_size = frozen.image_size as u32;
+    recipe.latent_downsample = frozen.vae.downscale_factor() as u32;
+    LoaderConfig {
+        batch_size: config.train.batch_size,
+        seed: config.train.seed,
+        shuffle_window: d.shuffle_window,
+        workers: if d.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            d.workers
+        },
+        size_rule,
+        on_bad_row: if d.on_bad_row == "skip" {
+            BadRowPolicy::Skip
+        } else {
+            BadRowPolicy::Fail
+        },
+        recipe,
+        ..LoaderConfig::default()
+    }
+}
+
+/// Standard normal samples (Box–Muller) from the keyed generator.
+fn normals(rng: &mut KeyedRng, n: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let u1 = rng.uniform().max(f64::MIN_POSITIVE);
+        let u2 = rng.uniform();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = 2.0 * std::f64::consts::PI * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+fn step_noise(
+    config: &TrainConfig,
+    frozen: &Frozen,
+    step: u64,
+    micro: u64,
+    b: usize,
+    latent: [usize; 3],
+) -> StepNoise {
+    let mut rng = KeyedRng::new(config.train.seed, Purpose::Train, step, micro);
+    let [c, h, w] = latent;
+    let o = &config.objective;
+    let timesteps = (0..b)
+        .map(|_| rng.below(frozen.ddpm.steps() as u64) as usize)
+        .collect();
+    let mut noise = normals(&mut rng, b * c * h * w);
+    let offset = normals(&mut rng, b * c);
+    for (i, n) in noise.iter_mut().enumerate() {
+        *n += (o.noise_offset as f32) * offset[i / (h * w)];
+    }
+    let vae_noise = normals(&mut rng, b * c * h * w);
+    let token_drop = (0..b)
+        .map(|_| {
+            (
+                rng.uniform() < o.drop_face_tokens,
+                rng.uniform() < o.drop_body_tokens,
+            )
+        })
+        .collect();
+    StepNoise {
+        timesteps,
+        noise,
+        vae_noise,
+        token_drop,
+    }
+}
+
+fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Outcome> {
+    let dir = config.run.dir.clone();
+    require_dir(&config.model.base, "model.base")?;
+    require_dir(&config.model.image_encoder, "model.image_encoder")?;
+    let device = Device::flex().autodiff();
+    let t = &config.train;
+    let (frozen, mut adapter) = load_models(&config.model, t.seed, &device)?;
+    let mut opt = AdamW::new(t.adamw);
+    let shards = find_shards(&config.data.shards)?;
+    let lcfg = loader_config(&config, &frozen);
+
+    let mut state: TrainState;
+    let mut loader = if resuming {
+        let (loaded, rejected) = checkpoint::load_latest(&dir, &device)?;
+        for r in &rejected {
+            eprintln!("warning: skipping checkpoint: {r}");
+        }
+        let Some(l) = loaded else {
+            bail!("{}: no complete checkpoint to resume from", dir.display());
+        };
+        if !rejected.is_empty() {
+            eprintln!(
+                "resuming from the previous complete checkpoint {}",
+                l.dir.display()
+            );
+        }
+        adapter.load_tensors(l.adapter)?;
+        opt.state = l.moments;
+        opt.step = l.state.optimizer_steps;
+        state = l.state;
+        eprintln!("resumed {} at step {}", dir.display(), state.step);
+        Loader::resume(&shards, lcfg, state.loader.clone())?
+    } else {
+        let loader = Loader::new(&shards, lcfg)?;
+        state = TrainState {
+            step: 0,
+            optimizer_steps: 0,
+            loader: loader.state().clone(),
+            skipped_nonfinite: 0,
+            consecutive_nonfinite: 0,
+            seed: t.seed,
+        };
+        loader
+    };
+    // After loading: parameters are replaced in place, under the same ids.
+    let names = adapter.names();
+
+    let metrics_path = dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+
+    let mut outcome = Outcome {
+        step: state.step,
+        interrupted: false,
+        checkpoint: None,
+        first_loss: None,
+        last_loss: None,
+    };
+    let started = Instant::now();
+    let start_step = state.step;
+    let mut samples = 0usize;
+    while state.step < t.max_steps {
+        if stop.load(Ordering::SeqCst) {
+            outcome.interrupted = true;
+            break;
+        }
+        let step = state.step;
+        let mut acc = GradientsAccumulator::<Adapter>::new();
+        let (mut total, mut noise_l, mut attn_l) = (0.0f64, 0.0f64, 0.0f64);
+        let mut finite = true;
+        for micro in 0..t.grad_accum as u64 {
+            let batch = loader.next_batch()?;
+            for e in loader.take_skipped() {
+                eprintln!("warning: skipped a bad row: {e}");
+            }
+            let b = batch.len();
+            samples += b;
+            let f = frozen.vae.downscale_factor();
+            let latent = [4, batch.height as usize / f, batch.width as usize / f];
+            let rnd = step_noise(&config, &frozen, step, micro, b, latent);
+            let losses = forward(&frozen, &adapter, &batch, &rnd, &config.objective, &device)?;
+            let scale = 1.0 / t.grad_accum as f64;
+            let (l, n, a): (f32, f32, f32) = (
+                losses.total.clone().into_scalar(),
+                losses.noise.clone().into_scalar(),
+                losses.attention.clone().into_scalar(),
+            );
+            finite &= l.is_finite();
+            total += l as f64 * scale;
+            noise_l += n as f64 * scale;
+            attn_l += a as f64 * scale;
+            let grads = losses.total.mul_scalar(scale).backward();
+            acc.accumulate(&adapter, GradientsParams::from_grads(grads, &adapter));
+        }
+        let mut grads = acc.grads();
+        let grad_norm = clip_grad_norm(&adapter, &names, &mut grads, t.max_grad_norm);
+        finite &= grad_norm.is_finite();
+        let factor = t.schedule.factor(state.optimizer_steps);
+        let lrs = [t.lr * factor, t.lr_adapter * factor];
+        if finite {
+            adapter = opt.step(adapter, &names, &mut grads, &lrs);
+            state.optimizer_steps = opt.step;
+            state.consecutive_nonfinite = 0;
+        } else {
+            state.skipped_nonfinite += 1;
+            state.consecutive_nonfinite += 1;
+            eprintln!(
+                "warning: step {step}: non-finite loss or gradient (loss {total}, grad norm {grad_norm}); step skipped"
+            );
+            if state.consecutive_nonfinite >= t.max_nonfinite_steps {
+                bail!(
+                    "{} consecutive non-finite steps (limit `train.max_nonfinite_steps` = {}); stopping. The last good checkpoint is {}",
+                    state.consecutive_nonfinite,
+                    t.max_nonfinite_steps,
+                    outcome
+                        .checkpoint
+                        .as_ref()
+                        .map_or("none".into(), |p| p.display().to_string())
+                );
+            }
+        }
+        state.step += 1;
+        state.loader = loader.state().clone();
+        if finite {
+            outcome.first_loss.get_or_insert(total);
+            outcome.last_loss = Some(total);
+        }
+
+        if state.step % t.log_every == 0 || state.step == t.max_steps {
+            let secs = started.elapsed().as_secs_f64();
+            let done = state.step - start_step;
+            let rate = samples as f64 / secs.max(1e-9);
+            let eta = secs / done as f64 * (t.max_steps - state.step) as f64;
+            let line = serde_json::json!({
+                "step": state.step, "loss": total, "noise_loss": noise_l, "attn_loss": attn_l,
+                "lr": lrs[0], "lr_adapter": lrs[1], "grad_norm": grad_norm,
+                "samples_per_s": rate, "skipped_nonfinite": state.skipped_nonfinite, "elapsed_s": secs,
+            });
+            writeln!(metrics, "{line}")?;
+            eprintln!(
+                "step {:>6}/{} | loss {total:.4} (noise {noise_l:.4}, attn {attn_l:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {:.0} s",
+                state.step, t.max_steps, lrs[0], eta
+            );
+        }
+        let interrupted = stop.load(Ordering::SeqCst);
+        if state.step % config.checkpoint.every_steps == 0
+            || state.step == t.max_steps
+            || interrupted
+        {
+            let path = checkpoint::save(
+                &dir,
+                adapter.tensors(),
+                &opt,
+                &state,
+                config.checkpoint.keep_last,
+            )?;
+            outcome.checkpoint = Some(path);
+        }
+        outcome.step = state.step;
+        if interrupted {
+            outcome.interrupted = true;
+            break;
+        }
+    }
+    metrics.sync_all()?;
+    Ok(outcome)
+}
