@@ -698,8 +698,14 @@ impl StateDict {
     /// torch `Linear` at `prefix`: `weight (out, in)` transposed to burn's `(in, out)`, `bias`.
     pub fn linear(&mut self, l: &mut Linear, prefix: &str) {
         let [d_in, d_out] = l.weight.lazy_shape().dims();
+        // Stored contiguous in burn's layout (not as a transposed view): kernels then see the
+        // same memory layout whether a weight was loaded or trained, so a resumed run computes
+        // bit for bit what an uninterrupted one does.
         self.load_with(&mut l.weight, &join(prefix, "weight"), [d_out, d_in], |t| {
-            t.transpose()
+            let device = t.device();
+            let dtype = t.dtype();
+            let data = t.transpose().into_data();
+            Tensor::from_data(data, TensorCreationOptions::new(device).with_dtype(dtype))
         });
         if let Some(b) = l.bias.as_mut() {
             self.param(b, &join(prefix, "bias"));

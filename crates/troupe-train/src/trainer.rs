@@ -208,6 +208,9 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         first_loss: None,
         last_loss: None,
     };
+    let crash_after: Option<u64> = std::env::var("TROUPE_CRASH_AFTER_STEP")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let started = Instant::now();
     let start_step = state.step;
     let mut samples = 0usize;
@@ -309,6 +312,10 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
             outcome.checkpoint = Some(path);
         }
         outcome.step = state.step;
+        // Fault injection for the resume tests: die like `kill -9` (no unwinding, no cleanup).
+        if crash_after == Some(state.step) {
+            std::process::abort();
+        }
         if interrupted {
             outcome.interrupted = true;
             break;
