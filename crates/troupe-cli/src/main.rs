@@ -1,6 +1,7 @@
 //! `troupe`: the command-line front end. It only parses arguments and wires library calls;
 //! the work lives in the library crates.
 
+mod adapter;
 mod bench;
 mod data;
 mod debug;
@@ -31,6 +32,11 @@ enum Command {
     /// unexpected keys (reads only file headers). Accepts a component folder, an SDXL pipeline
     /// folder (`model_index.json`) or an adapter `.safetensors` file.
     Inspect(inspect::InspectArgs),
+    /// Write an adapter in the reference layouts (`safetensors` or the StoryMaker `mask.bin`).
+    Export(adapter::ExportArgs),
+    /// Adapter tools (`init`).
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCommand),
     /// Train a StoryMaker adapter: `--config FILE.toml [--set key=value …]` or `--resume RUN_DIR`.
     Train(train::TrainArgs),
 }
@@ -42,6 +48,8 @@ fn main() -> ExitCode {
         Command::Debug(cmd) => debug::run(cmd),
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
+        Command::Export(args) => adapter::export(args),
+        Command::Adapter(cmd) => adapter::run(cmd),
     };
     match result {
         Ok(code) => code,

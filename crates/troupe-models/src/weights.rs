@@ -400,6 +400,16 @@ impl StateDict {
         Ok(sd)
     }
 
+    /// A state dict over host tensors (e.g. read from a PyTorch `.bin` by `troupe-pt`).
+    pub fn from_tensors(tensors: &[(String, troupe_pt::Tensor)]) -> Result<Self, WeightError> {
+        let views = tensors.iter().map(|(k, t)| (k.as_str(), HostView(t)));
+        let bytes = safetensors::serialize(views, None).map_err(|e| WeightError::Format {
+            path: "<memory>".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_bytes(bytes)
+    }
+
     /// Parses an in-memory safetensors buffer.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, WeightError> {
         let mut sd = Self::empty("<memory>".into());

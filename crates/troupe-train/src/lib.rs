@@ -3,6 +3,7 @@
 //! * [`config`]: the TOML run config (`--set` overrides, validation naming keys).
 //! * [`model`]: frozen SDXL parts, the trainable [`model::Adapter`], the training forward pass.
 //! * [`trainer`]: the step loop; [`checkpoint`]: atomic checkpoints with exact resume.
+//! * [`export`]: adapter files (safetensors with metadata, the reference `mask.bin`).
 //! * [`ddpm`]: diffusers' DDPM forward process (noise schedule, targets, SNR weights).
 //! * [`objective`]: the StoryMaker losses (region-weighted noise MSE, attention-map loss).
 //! * [`optim`]: AdamW keyed by parameter name, global-norm clipping, learning-rate schedules.
@@ -10,6 +11,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod ddpm;
+pub mod export;
 pub mod model;
 pub mod objective;
 pub mod optim;

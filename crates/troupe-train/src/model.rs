@@ -380,3 +380,111 @@ pub fn require_dir(path: &Path, key: &str) -> anyhow::Result<()> {
         anyhow::bail!("`{key}` = {}: no such folder", path.display())
     }
 }
+
+/// Initialises the adapter from the public checkpoints as StoryMaker does (§5.1): from
+/// IP-Adapter-FaceID-PlusV2-SDXL the PPR's `proj.*`, `norm.*`, `perceiver_resampler.*` and all
+/// processors (`ip_adapter.*`); from IP-Adapter-Plus-SDXL-ViT-H the projection model as
+/// `resample.*`. Every other weight keeps its fresh initialisation (`pos_embed`, `bg_embed`,
+/// `proj_out` zero). A tensor whose shape differs is an error naming it. Returns a summary.
+pub fn init_from_pretrained(
+    adapter: &mut Adapter,
+    faceid: Option<&Path>,
+    ip_plus: Option<&Path>,
+) -> anyhow::Result<String> {
+    use std::collections::BTreeMap;
+    let mut merged: BTreeMap<String, troupe_pt::Tensor> = adapter.tensors().into_iter().collect();
+    // (target key, tensor, source file) of every pretrained tensor StoryMaker uses.
+    let mut wanted = Vec::new();
+    let mut ignored = 0usize;
+    if let Some(path) = faceid {
+        let ppr = [
+            "image_proj_model.proj.",
+            "image_proj_model.norm.",
+            "image_proj_model.perceiver_resampler.",
+        ];
+        for (key, t) in crate::export::read_adapter(path)? {
+            if key.starts_with("ip_adapter.") || ppr.iter().any(|p| key.starts_with(p)) {
+                wanted.push((key, t, path));
+            } else {
+                ignored += 1;
+            }
+        }
+    }
+    if let Some(path) = ip_plus {
+        for (key, t) in crate::export::read_adapter(path)? {
+            match key.strip_prefix("image_proj_model.") {
+                Some(name) => wanted.push((format!("image_proj_model.resample.{name}"), t, path)),
+                None => ignored += 1,
+            }
+        }
+    }
+    let mut taken = 0usize;
+    for (key, t, file) in wanted {
+        match merged.get_mut(&key) {
+            Some(slot) if slot.shape == t.shape => {
+                *slot = t;
+                taken += 1;
+            }
+            Some(slot) => anyhow::bail!(
+                "{}: `{key}` has shape {:?}, the adapter needs {:?} (check model.lora_rank and the base model)",
+                file.display(),
+                t.shape,
+                slot.shape
+            ),
+            None => ignored += 1,
+        }
+    }
+    let tensors: Vec<(String, troupe_pt::Tensor)> = merged.into_iter().collect();
+    adapter.load_tensors(StateDict::from_tensors(&tensors)?)?;
+    Ok(format!(
+        "initialised {taken} tensors from pretrained checkpoints ({ignored} not used)"
+    ))
+}
+
+/// A freshly initialised adapter for any UNet config (no UNet weights are read or allocated:
+/// only the processors and the PPR are materialised).
+pub fn fresh_adapter(
+    unet_config: &troupe_models::unet::UNet2DConditionConfig,
+    rank: usize,
+    ppr: &FaceIdPlusConfig,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<Adapter> {
+    device.seed(seed);
+    let mut unet = UNet2DConditionModel::new(unet_config, device)?;
+    unet.attach_adapter(rank, device);
+    Ok(Adapter {
+        ppr: ppr.init(device),
+        unet,
+    })
+}
+
+/// Metadata stored in exported adapters.
+pub fn export_metadata(
+    adapter: &Adapter,
+    base: &str,
+    step: u64,
+    config_hash: &str,
+    dim_head: usize,
+) -> std::collections::HashMap<String, String> {
+    let rank = adapter
+        .unet
+        .attentions()
+        .first()
+        .and_then(|a| a.adapter.as_ref())
+        .map_or(0, |a| a.to_q_lora.down.weight.val().dims()[1]);
+    let tokens = adapter.ppr.pos_embed.val().dims()[1];
+    [
+        ("format", "storymaker-adapter".to_string()),
+        ("producer", format!("troupe {}", env!("CARGO_PKG_VERSION"))),
+        ("base_model", base.to_string()),
+        ("lora_rank", rank.to_string()),
+        ("tokens_per_character", tokens.to_string()),
+        ("step", step.to_string()),
+        ("config_sha256", config_hash.to_string()),
+        (troupe_models::ppr::DIM_HEAD_METADATA, dim_head.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}

@@ -22,7 +22,9 @@ use troupe_data::shard::find_shards;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
-use crate::model::{Adapter, Frozen, StepNoise, forward, load_models, require_dir};
+use crate::model::{
+    Adapter, Frozen, StepNoise, forward, init_from_pretrained, load_models, require_dir,
+};
 use crate::optim::{AdamW, clip_grad_norm};
 
 /// How a run ended.
@@ -154,6 +156,16 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
     let device = Device::flex().autodiff();
     let t = &config.train;
     let (frozen, mut adapter) = load_models(&config.model, t.seed, &device)?;
+    if !resuming
+        && (config.model.pretrained_adapter.is_some() || config.model.pretrained_ip_plus.is_some())
+    {
+        let summary = init_from_pretrained(
+            &mut adapter,
+            config.model.pretrained_adapter.as_deref(),
+            config.model.pretrained_ip_plus.as_deref(),
+        )?;
+        eprintln!("{summary}");
+    }
     let mut opt = AdamW::new(t.adamw);
     let shards = find_shards(&config.data.shards)?;
     let lcfg = loader_config(&config, &frozen);
@@ -322,5 +334,26 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         }
     }
     metrics.sync_all()?;
+    if !outcome.interrupted {
+        // The finished adapter, ready for the reference pipeline (see `troupe export`).
+        use sha2::Digest;
+        let hash = format!("{:x}", sha2::Sha256::digest(config.to_toml().as_bytes()));
+        let meta = crate::model::export_metadata(
+            &adapter,
+            &config.model.base.display().to_string(),
+            state.step,
+            &hash,
+            config.model.ppr_dim_head,
+        );
+        let path = dir.join("adapter.safetensors");
+        crate::export::write_adapter(
+            &path,
+            &adapter.tensors(),
+            crate::export::Format::Safetensors,
+            crate::export::ExportDType::F32,
+            meta,
+        )?;
+        eprintln!("adapter: {}", path.display());
+    }
     Ok(outcome)
 }
