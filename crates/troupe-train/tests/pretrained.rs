@@ -1,0 +1,115 @@
+//! StoryMaker's initialisation from the public IP-Adapter checkpoints (storymaker.md §5.1).
+
+use std::collections::HashMap;
+
+use burn::prelude::*;
+use troupe_models::ppr::FaceIdPlusConfig;
+use troupe_models::unet::UNet2DConditionConfig;
+use troupe_pt::{Tensor, Value};
+use troupe_train::export::{ExportDType, Format, write_adapter};
+use troupe_train::model::{fresh_adapter, init_from_pretrained};
+
+fn tiny(seed: u64) -> troupe_train::model::Adapter {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../configs/tiny-sdxl/unet/config.json"
+    );
+    let config = UNet2DConditionConfig::from_file(std::path::Path::new(path)).unwrap();
+    let ppr = FaceIdPlusConfig::new()
+        .with_cross_attention_dim(32)
+        .with_clip_embeddings_dim(24)
+        .with_resampler_dim_head(8)
+        .with_resampler_depth(1);
+    fresh_adapter(&config, 8, &ppr, seed, &Device::flex()).unwrap()
+}
+
+fn get<'a>(t: &'a [(String, Tensor)], k: &str) -> &'a Tensor {
+    &t.iter()
+        .find(|(n, _)| n == k)
+        .unwrap_or_else(|| panic!("no {k}"))
+        .1
+}
+
+#[test]
+fn faceid_plus_v2_and_ip_plus_checkpoints_map_as_the_reference() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A "FaceID-PlusV2" file: IP-Adapter's `{'image_proj': …, 'ip_adapter': …}` torch zip.
+    let donor = tiny(7).tensors();
+    let group = |prefix: &str| {
+        Value::OrderedDict(
+            donor
+                .iter()
+                .filter_map(|(k, t)| {
+                    Some((
+                        Value::Str(k.strip_prefix(prefix)?.to_string()),
+                        Value::Tensor(t.clone()),
+                    ))
+                })
+                .collect(),
+        )
+    };
+    let faceid = tmp.path().join("faceid.bin");
+    let value = Value::Dict(vec![
+        (Value::Str("image_proj".into()), group("image_proj_model.")),
+        (Value::Str("ip_adapter".into()), group("ip_adapter.")),
+    ]);
+    troupe_pt::write_file(&faceid, &value).unwrap();
+    // An "IP-Adapter-Plus" file whose projection model is a Resampler: take the donor's.
+    let plus_tensors: Vec<(String, Tensor)> = donor
+        .iter()
+        .filter_map(|(k, t)| {
+            Some((
+                format!(
+                    "image_proj_model.{}",
+                    k.strip_prefix("image_proj_model.resample.")?
+                ),
+                t.clone(),
+            ))
+        })
+        .collect();
+    let plus = tmp.path().join("plus.safetensors");
+    write_adapter(
+        &plus,
+        &plus_tensors,
+        Format::Safetensors,
+        ExportDType::F32,
+        HashMap::new(),
+    )
+    .unwrap();
+
+    let mut adapter = tiny(1);
+    let before = adapter.tensors();
+    let summary = init_from_pretrained(&mut adapter, Some(&faceid), Some(&plus)).unwrap();
+    let after = adapter.tensors();
+    assert!(summary.contains("initialised"), "{summary}");
+    for key in [
+        "ip_adapter.1.to_k_ip.weight",
+        "ip_adapter.0.to_q_lora.down.weight",
+        "image_proj_model.proj.0.weight",
+        "image_proj_model.perceiver_resampler.proj_in.weight",
+        "image_proj_model.resample.latents",
+    ] {
+        assert_eq!(
+            get(&after, key),
+            get(&donor, key),
+            "{key} not taken from the checkpoint"
+        );
+        assert_ne!(
+            get(&before, key),
+            get(&donor, key),
+            "{key}: donor equals the fresh init"
+        );
+    }
+    // New StoryMaker parameters keep their fresh (zero) initialisation.
+    for key in [
+        "image_proj_model.pos_embed",
+        "image_proj_model.bg_embed",
+        "image_proj_model.proj_out.weight",
+    ] {
+        assert_eq!(
+            get(&after, key),
+            get(&before, key),
+            "{key} must keep its initialisation"
+        );
+    }
+}
