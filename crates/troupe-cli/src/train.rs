@@ -36,8 +36,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     if let Some(c) = &outcome.checkpoint {
         eprintln!("checkpoint: {}", c.display());
     }
-    if let (Some(a), Some(b)) = (outcome.first_loss, outcome.last_loss) {
-        eprintln!("loss: first step {a:.4}, last step {b:.4}");
+    if let Some((a, b)) = outcome.loss_trend() {
+        let k = (outcome.losses.len() / 5).clamp(1, 50);
+        eprintln!("loss, mean of the first {k} steps: {a:.4} → mean of the last {k}: {b:.4}");
     }
     if outcome.interrupted {
         eprintln!(

@@ -36,21 +36,40 @@ pub struct Outcome {
     pub interrupted: bool,
     /// Last checkpoint written.
     pub checkpoint: Option<PathBuf>,
-    /// Mean total loss of the first and last logged steps.
-    pub first_loss: Option<f64>,
-    /// See `first_loss`.
-    pub last_loss: Option<f64>,
+    /// Total loss of each finite step of this invocation, in order.
+    pub losses: Vec<f64>,
+}
+
+impl Outcome {
+    /// Mean loss over the first and the last fifth of this invocation's steps (at most 50
+    /// each): single steps are too noisy to show a trend.
+    pub fn loss_trend(&self) -> Option<(f64, f64)> {
+        let n = self.losses.len();
+        let k = (n / 5).clamp(1, 50);
+        if n < 2 {
+            return None;
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        Some((mean(&self.losses[..k]), mean(&self.losses[n - k..])))
+    }
 }
 
 /// Name of the resolved config inside a run directory.
 pub const CONFIG_FILE: &str = "config.toml";
 
-/// Starts a run from `config` (its `run.dir` must not hold checkpoints yet).
+/// Starts a run from `config`; if `run.dir` already holds this very run (same resolved config),
+/// continues it instead.
 pub fn train(config: TrainConfig, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let dir = config.run.dir.clone();
     if !checkpoint::list(&dir)?.is_empty() {
+        // Same config as the run on disk: continue it (a finished run returns at once).
+        let saved = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap_or_default();
+        if saved == config.to_toml() {
+            eprintln!("{} already holds this run: continuing it", dir.display());
+            return run(config, true, stop);
+        }
         bail!(
-            "{} already holds checkpoints: continue it with `troupe train --resume {}`, or choose another `run.dir`",
+            "{} holds checkpoints of a run with a different config: continue it with `troupe train --resume {}`, or choose another `run.dir`",
             dir.display(),
             dir.display()
         );
@@ -217,8 +236,7 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         step: state.step,
         interrupted: false,
         checkpoint: None,
-        first_loss: None,
-        last_loss: None,
+        losses: Vec::new(),
     };
     let crash_after: Option<u64> = std::env::var("TROUPE_CRASH_AFTER_STEP")
         .ok()
@@ -289,8 +307,7 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         state.step += 1;
         state.loader = loader.state().clone();
         if finite {
-            outcome.first_loss.get_or_insert(total);
-            outcome.last_loss = Some(total);
+            outcome.losses.push(total);
         }
 
         if state.step % t.log_every == 0 || state.step == t.max_steps {
