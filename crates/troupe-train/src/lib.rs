@@ -6,6 +6,7 @@
 //! * [`export`]: adapter files (safetensors with metadata, the reference `mask.bin`).
 //! * [`ddpm`]: diffusers' DDPM forward process (noise schedule, targets, SNR weights).
 //! * [`objective`]: the StoryMaker losses (region-weighted noise MSE, attention-map loss).
+//! * [`tensorboard`]: scalar metrics as TensorBoard event files (next to `metrics.jsonl`).
 //! * [`optim`]: AdamW keyed by parameter name, global-norm clipping, learning-rate schedules.
 
 pub mod checkpoint;
@@ -15,4 +16,5 @@ pub mod export;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod tensorboard;
 pub mod trainer;

@@ -232,6 +232,8 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         .open(&metrics_path)
         .with_context(|| format!("opening {}", metrics_path.display()))?;
 
+    let mut events = crate::tensorboard::EventWriter::create(&dir)
+        .with_context(|| format!("creating a TensorBoard event file in {}", dir.display()))?;
     let mut outcome = Outcome {
         step: state.step,
         interrupted: false,
@@ -321,6 +323,18 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
                 "samples_per_s": rate, "skipped_nonfinite": state.skipped_nonfinite, "elapsed_s": secs,
             });
             writeln!(metrics, "{line}")?;
+            events.scalars(
+                state.step,
+                &[
+                    ("loss/total", total),
+                    ("loss/noise", noise_l),
+                    ("loss/attention", attn_l),
+                    ("lr/ppr", lrs[0]),
+                    ("lr/processors", lrs[1]),
+                    ("grad_norm", grad_norm),
+                    ("samples_per_s", rate),
+                ],
+            )?;
             eprintln!(
                 "step {:>6}/{} | loss {total:.4} (noise {noise_l:.4}, attn {attn_l:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {:.0} s",
                 state.step, t.max_steps, lrs[0], eta
