@@ -6,6 +6,7 @@ mod bench;
 mod data;
 mod debug;
 mod inspect;
+mod plot;
 mod train;
 
 use std::process::ExitCode;
@@ -37,6 +38,8 @@ enum Command {
     /// Adapter tools (`init`).
     #[command(subcommand)]
     Adapter(adapter::AdapterCommand),
+    /// Render a run's loss curves (`metrics.jsonl`) to a PNG.
+    Plot(plot::PlotArgs),
     /// Train a StoryMaker adapter: `--config FILE.toml [--set key=value …]` or `--resume RUN_DIR`.
     Train(train::TrainArgs),
 }
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         Command::Debug(cmd) => debug::run(cmd),
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
+        Command::Plot(args) => plot::run(args),
         Command::Export(args) => adapter::export(args),
         Command::Adapter(cmd) => adapter::run(cmd),
     };

@@ -81,6 +81,15 @@ fn crash_and_resume_is_bit_identical_to_a_straight_run() {
             "{f} differs between the straight and the resumed run"
         );
     }
+    // The loss curves render from metrics.jsonl.
+    let out = troupe(&["plot", straight.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = image::open(straight.join("losses.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1200, 900));
     // keep_last = 2: only steps 3 and 6 remain complete in the straight run.
     let names: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
         .unwrap()
