@@ -252,11 +252,15 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
             break;
         }
         let step = state.step;
+        let step_started = Instant::now();
+        let mut data_wait = 0.0f64;
         let mut acc = GradientsAccumulator::<Adapter>::new();
         let (mut total, mut noise_l, mut attn_l) = (0.0f64, 0.0f64, 0.0f64);
         let mut finite = true;
         for micro in 0..t.grad_accum as u64 {
+            let waited = Instant::now();
             let batch = loader.next_batch()?;
+            data_wait += waited.elapsed().as_secs_f64();
             for e in loader.take_skipped() {
                 eprintln!("warning: skipped a bad row: {e}");
             }
@@ -306,6 +310,8 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
                 );
             }
         }
+        // Compute time of the step (forward, backward, update), without waiting for data.
+        let step_s = step_started.elapsed().as_secs_f64() - data_wait;
         state.step += 1;
         state.loader = loader.state().clone();
         if finite {
@@ -321,6 +327,7 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
                 "step": state.step, "loss": total, "noise_loss": noise_l, "attn_loss": attn_l,
                 "lr": lrs[0], "lr_adapter": lrs[1], "grad_norm": grad_norm,
                 "samples_per_s": rate, "skipped_nonfinite": state.skipped_nonfinite, "elapsed_s": secs,
+                "step_s": step_s, "data_wait_s": data_wait,
             });
             writeln!(metrics, "{line}")?;
             events.scalars(
