@@ -21,12 +21,51 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-fn max_abs_diff(a: &mut StateDict, ka: &str, b: &mut StateDict, kb: &str) -> f32 {
-    let device = Device::flex();
-    let x: Tensor<4> = a.take_any(ka, &device).unwrap();
-    let y: Tensor<4> = b.take_any(kb, &device).unwrap();
-    assert_eq!(x.dims(), y.dims());
-    (x - y).abs().max().into_scalar()
+/// Max abs difference between tensor `ka` of file `a` and `kb` of file `b` (any rank, f32).
+fn max_abs_diff(a: &Path, ka: &str, b: &Path, kb: &str) -> f32 {
+    let (ba, bb) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    let (sa, sb) = (
+        safetensors::SafeTensors::deserialize(&ba).unwrap(),
+        safetensors::SafeTensors::deserialize(&bb).unwrap(),
+    );
+    let (x, y) = (sa.tensor(ka).unwrap(), sb.tensor(kb).unwrap());
+    assert_eq!(x.shape(), y.shape(), "{ka}");
+    let f = |d: &[u8]| {
+        d.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    f(x.data())
+        .iter()
+        .zip(f(y.data()))
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Runs `troupe debug forward` and checks each named output against the reference file.
+fn forward_matches(component: &str, model: &Path, inputs: &Path, outputs: &[&str], extra: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let output = tmp.path().join("out.safetensors");
+    let mut args = vec![
+        "debug",
+        "forward",
+        "--component",
+        component,
+        "--model",
+        s(model),
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--inputs", s(inputs), "--output", s(&output)]);
+    let out = troupe(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for name in outputs {
+        let e = max_abs_diff(&output, name, inputs, name);
+        assert!(e <= 1e-4, "{component} {name}: max abs error {e}");
+    }
 }
 
 #[test]
@@ -91,37 +130,31 @@ fn safetensors_subset(bytes: &[u8], skip: &str) -> Vec<(String, troupe_pt::Tenso
 
 #[test]
 fn debug_forward_unet_with_adapter_matches_the_reference() {
-    let tmp = tempfile::tempdir().unwrap();
     let unet = fixtures().join("unet");
-    let io = unet.join("sdxl_tiny/io_adapter.safetensors");
-    let output = tmp.path().join("out.safetensors");
-    let out = troupe(&[
-        "debug",
-        "forward",
-        "--component",
+    let model = unet.join("sdxl_tiny");
+    forward_matches(
         "unet",
-        "--model",
-        s(&unet.join("sdxl_tiny")),
+        &model,
+        &model.join("io_even.safetensors"),
+        &["out"],
+        &[],
+    );
+    let adapter = unet.join("sdxl_tiny_adapter.safetensors");
+    let scales = [
         "--adapter",
-        s(&unet.join("sdxl_tiny_adapter.safetensors")),
+        s(&adapter),
         "--lora-scale",
         "0.8",
         "--ip-scale",
         "0.7",
-        "--inputs",
-        s(&io),
-        "--output",
-        s(&output),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    ];
+    forward_matches(
+        "unet",
+        &model,
+        &model.join("io_adapter.safetensors"),
+        &["out"],
+        &scales,
     );
-    let mut got = StateDict::from_file(&output).unwrap();
-    let mut want = StateDict::from_file(&io).unwrap();
-    let e = max_abs_diff(&mut got, "out", &mut want, "out");
-    assert!(e <= 1e-4, "max abs error {e}");
 }
 
 #[test]
@@ -144,31 +177,19 @@ fn debug_forward_ppr_matches_the_reference() {
             to_host(io.take_any::<3>("b3.face_embeds", &device).unwrap()),
         ),
     ];
-    let input = tmp.path().join("in.safetensors");
-    write_safetensors(&input, &inputs, None).unwrap();
-    let output = tmp.path().join("out.safetensors");
-    let out = troupe(&[
-        "debug",
-        "forward",
-        "--component",
+    // Inputs plus the expected output, under the name the command writes.
+    let want = tmp.path().join("io.safetensors");
+    let tokens = to_host(io.take_any::<3>("b3.output", &device).unwrap());
+    let mut with_want = inputs.clone();
+    with_want.push(("tokens".into(), tokens));
+    write_safetensors(&want, &with_want, None).unwrap();
+    forward_matches(
         "ppr",
-        "--model",
-        s(&ppr.join("weights.safetensors")),
-        "--inputs",
-        s(&input),
-        "--output",
-        s(&output),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &ppr.join("weights.safetensors"),
+        &want,
+        &["tokens"],
+        &[],
     );
-    let mut got = StateDict::from_file(&output).unwrap();
-    let a: Tensor<3> = got.take_any("tokens", &device).unwrap();
-    let b: Tensor<3> = io.take_any("b3.output", &device).unwrap();
-    let e: f32 = (a - b).abs().max().into_scalar();
-    assert!(e <= 1e-4, "max abs error {e}");
 }
 
 #[test]
@@ -198,38 +219,14 @@ fn debug_forward_names_a_missing_input() {
 
 #[test]
 fn debug_forward_vae_encoder_and_decoder_match_diffusers() {
-    let tmp = tempfile::tempdir().unwrap();
     let dir = fixtures().join("vae/kl_3block");
     let io = dir.join("io.safetensors");
-    for (component, output_name) in [("vae-encoder", "latent_mean"), ("vae-decoder", "sample")] {
-        let output = tmp.path().join(format!("{component}.safetensors"));
-        let out = troupe(&[
-            "debug",
-            "forward",
-            "--component",
-            component,
-            "--model",
-            s(&dir),
-            "--inputs",
-            s(&io),
-            "--output",
-            s(&output),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut got = StateDict::from_file(&output).unwrap();
-        let mut want = StateDict::from_file(&io).unwrap();
-        let e = max_abs_diff(&mut got, output_name, &mut want, output_name);
-        assert!(e <= 1e-4, "{component}: max abs error {e}");
-    }
+    forward_matches("vae-encoder", &dir, &io, &["latent_mean"], &[]);
+    forward_matches("vae-decoder", &dir, &io, &["sample"], &[]);
 }
 
 #[test]
 fn debug_forward_clip_encoders_match_transformers() {
-    let tmp = tempfile::tempdir().unwrap();
     let clip = fixtures().join("clip");
     for (component, dir, outputs) in [
         (
@@ -248,44 +245,7 @@ fn debug_forward_clip_encoders_match_transformers() {
             &["penultimate_hidden_state", "image_embeds"][..],
         ),
     ] {
-        let io = clip.join(dir).join("io.safetensors");
-        let output = tmp.path().join(format!("{component}.safetensors"));
-        let out = troupe(&[
-            "debug",
-            "forward",
-            "--component",
-            component,
-            "--model",
-            s(&clip.join(dir)),
-            "--inputs",
-            s(&io),
-            "--output",
-            s(&output),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let device = Device::flex();
-        let mut got = StateDict::from_file(&output).unwrap();
-        let mut want = StateDict::from_file(&io).unwrap();
-        for name in outputs {
-            let rank = want.shape(name).unwrap().len();
-            let e: f32 = if rank == 3 {
-                let (a, b): (Tensor<3>, Tensor<3>) = (
-                    got.take_any(name, &device).unwrap(),
-                    want.take_any(name, &device).unwrap(),
-                );
-                (a - b).abs().max().into_scalar()
-            } else {
-                let (a, b): (Tensor<2>, Tensor<2>) = (
-                    got.take_any(name, &device).unwrap(),
-                    want.take_any(name, &device).unwrap(),
-                );
-                (a - b).abs().max().into_scalar()
-            };
-            assert!(e <= 1e-4, "{component} {name}: max abs error {e}");
-        }
+        let d = clip.join(dir);
+        forward_matches(component, &d, &d.join("io.safetensors"), outputs, &[]);
     }
 }

@@ -21,8 +21,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Int};
 use serde::Deserialize;
 
-use crate::error::{ConfigError, ModelError};
-use crate::weights::{LoadReport, StateDict, WeightError, join};
+use crate::error::{ConfigError, ModelError, read_json_config};
+use crate::weights::{LoadReport, StateDict, join};
 
 /// Feed-forward activation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -99,12 +99,7 @@ impl ClipConfig {
     /// folder).
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
-            path: shown.clone(),
-            source,
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?;
+        let config: Self = read_json_config(path)?;
         let err = |field: &str, msg: &str| Err(ConfigError::new(&shown, field, msg).into());
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return err("num_attention_heads", "must divide hidden_size");

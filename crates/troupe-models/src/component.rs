@@ -57,19 +57,9 @@ impl Component {
 /// Named tensors on the host, in a stable order.
 pub type NamedTensors = Vec<(String, troupe_pt::Tensor)>;
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> WeightError + '_ {
-    move |source| WeightError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 /// Reads `config.json` of a model folder as JSON.
 pub fn read_config(dir: &Path) -> Result<serde_json::Value, ModelError> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    serde_json::from_str(&text)
-        .map_err(|e| ConfigError::new(&path.display().to_string(), "", e.to_string()).into())
+    crate::error::read_json_config(&dir.join("config.json"))
 }
 
 /// Runs `component` once. `model` is the component folder (the adapter file for `ppr`),

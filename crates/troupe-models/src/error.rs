@@ -36,3 +36,15 @@ pub enum ModelError {
     #[error(transparent)]
     Weights(#[from] WeightError),
 }
+
+/// Reads a JSON config file into `T`; errors name the file (and serde's line/column).
+pub fn read_json_config<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> Result<T, ModelError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
+        path: shown.clone(),
+        source,
+    })?;
+    Ok(serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?)
+}

@@ -67,9 +67,15 @@ const CLIP_SPLIT_REGEX: &str =
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     #[error("reading {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing {path}: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("{dir}: no tokenizer.json and no vocab.json + merges.txt")]
@@ -136,11 +142,19 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>, TokenizerError> {
     let text = match fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(TokenizerError::Io { path: path.to_owned(), source }),
+        Err(source) => {
+            return Err(TokenizerError::Io {
+                path: path.to_owned(),
+                source,
+            });
+        }
     };
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|source| TokenizerError::Json { path: path.to_owned(), source })
+        .map_err(|source| TokenizerError::Json {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// The CLIP tokenizer of one SDXL tokenizer folder (`tokenizer/` or `tokenizer_2/`).
@@ -236,7 +250,9 @@ impl ClipTokenizer {
             for p in [&vocab, &merges] {
                 if !p.is_file() {
                     if !vocab.is_file() && !merges.is_file() {
-                        return Err(TokenizerError::MissingFiles { dir: dir.to_owned() });
+                        return Err(TokenizerError::MissingFiles {
+                            dir: dir.to_owned(),
+                        });
                     }
                     return Err(TokenizerError::Io {
                         path: p.clone(),
@@ -255,8 +271,10 @@ impl ClipTokenizer {
                 })?;
             (Tokenizer::new(bpe), vocab)
         };
-        let invalid =
-            |message: String| TokenizerError::Invalid { path: model_path.clone(), message };
+        let invalid = |message: String| TokenizerError::Invalid {
+            path: model_path.clone(),
+            message,
+        };
 
         let normalizer = NormalizerSequence::new(vec![
             NFC.into(),
@@ -265,7 +283,9 @@ impl ClipTokenizer {
                 .into(),
             Lowercase.into(),
         ]);
-        tokenizer.with_normalizer(Some(normalizer)).map_err(|e| invalid(e.to_string()))?;
+        tokenizer
+            .with_normalizer(Some(normalizer))
+            .map_err(|e| invalid(e.to_string()))?;
         let split = Split::new(
             SplitPattern::Regex(CLIP_SPLIT_REGEX.into()),
             SplitDelimiterBehavior::Removed,
@@ -280,12 +300,18 @@ impl ClipTokenizer {
         // Register the special tokens the way transformers does: `added_tokens_decoder` first,
         // then bos/eos/unk/pad unless already there. Tokens already in the vocabulary keep their
         // id (`!` is 0, the CLIP markers are 49406/49407).
-        let existing: Vec<String> =
-            tokenizer.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
+        let existing: Vec<String> = tokenizer
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .collect();
         let mut to_add: Vec<AddedToken> = Vec::new();
         let mut seen: Vec<String> = existing;
         for (id, tok) in &added {
-            if tokenizer.token_to_id(&tok.content).is_some_and(|v| v != *id) {
+            if tokenizer
+                .token_to_id(&tok.content)
+                .is_some_and(|v| v != *id)
+            {
                 return Err(TokenizerError::Invalid {
                     path: dir.join("tokenizer_config.json"),
                     message: format!(
@@ -307,7 +333,9 @@ impl ClipTokenizer {
                 to_add.push(tok.to_added());
             }
         }
-        tokenizer.add_special_tokens(to_add).map_err(|e| invalid(e.to_string()))?;
+        tokenizer
+            .add_special_tokens(to_add)
+            .map_err(|e| invalid(e.to_string()))?;
 
         let id_of = |key: &str| -> Result<u32, TokenizerError> {
             let content = &specials[key].content;
@@ -344,17 +372,26 @@ impl ClipTokenizer {
             pad_token: specials["pad_token"].content.clone(),
         }));
 
-        Ok(Self { tokenizer, max_length, bos_id, eos_id, pad_id })
+        Ok(Self {
+            tokenizer,
+            max_length,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
     }
 
     /// Encodes one prompt into exactly [`max_length`](Self::max_length) ids (77 for SDXL):
     /// BOS, BPE ids (truncated to `max_length - 2`), EOS, padding.
     /// A prompt is user input, so a tokenizer failure is an error naming it, never a panic.
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.tokenizer.encode(prompt, true).map_err(|e| TokenizerError::Encode {
-            prompt: prompt.to_owned(),
-            message: e.to_string(),
-        })?;
+        let enc = self
+            .tokenizer
+            .encode(prompt, true)
+            .map_err(|e| TokenizerError::Encode {
+                prompt: prompt.to_owned(),
+                message: e.to_string(),
+            })?;
         let ids = enc.get_ids().to_vec();
         debug_assert_eq!(ids.len(), self.max_length);
         Ok(ids)
@@ -363,9 +400,13 @@ impl ClipTokenizer {
     /// Encodes several prompts; the result is in prompt order, each [`max_length`](Self::max_length)
     /// long.
     pub fn encode_batch(&self, prompts: &[&str]) -> Result<Vec<Vec<u32>>, TokenizerError> {
-        let encs = self.tokenizer.encode_batch(prompts.to_vec(), true).map_err(|e| {
-            TokenizerError::Encode { prompt: format!("(a batch of {} prompts)", prompts.len()), message: e.to_string() }
-        })?;
+        let encs = self
+            .tokenizer
+            .encode_batch(prompts.to_vec(), true)
+            .map_err(|e| TokenizerError::Encode {
+                prompt: format!("(a batch of {} prompts)", prompts.len()),
+                message: e.to_string(),
+            })?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 

@@ -24,11 +24,11 @@ use burn::tensor::activation::silu;
 use serde::Deserialize;
 
 use crate::attention::{Attention, AttentionConfig, AttnContext};
-use crate::error::{ConfigError, ModelError};
+use crate::error::{ConfigError, ModelError, read_json_config};
 use crate::resnet::{
     Downsample2D, ResnetBlock2D, ResnetBlock2DConfig, Upsample2D, conv2d, group_norm,
 };
-use crate::weights::{LoadReport, StateDict, WeightError, join};
+use crate::weights::{LoadReport, StateDict, join};
 
 /// GroupNorm epsilon of every VAE norm: diffusers hard-codes `resnet_eps=1e-6` and
 /// `GroupNorm(..., eps=1e-6)` in `Encoder`/`Decoder`, whatever the config says.
@@ -132,12 +132,7 @@ impl AutoencoderKLConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
-            path: shown.clone(),
-            source,
-        })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?;
+        let config: Self = read_json_config(path)?;
         config.validate(&shown)?;
         Ok(config)
     }
