@@ -159,3 +159,41 @@ fn config_errors_name_the_key() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("checkpoint.keep_last"), "{stderr}");
 }
+
+#[test]
+fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = format!("run.dir={}", tmp.path().join("r").display());
+    // An absurd learning rate blows the weights up; the loss turns non-finite.
+    let out = troupe(
+        &[
+            "train",
+            "--config",
+            "configs/tiny.toml",
+            "--set",
+            &dir,
+            "--set",
+            "train.lr=1e30",
+            "--set",
+            "train.lr_adapter=1e30",
+            "--set",
+            "train.max_grad_norm=1e30",
+            "--set",
+            "train.max_nonfinite_steps=2",
+            "--set",
+            "train.max_steps=30",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("non-finite loss or gradient") && stderr.contains("step skipped"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("2 consecutive non-finite steps")
+            && stderr.contains("train.max_nonfinite_steps"),
+        "{stderr}"
+    );
+}

@@ -342,7 +342,15 @@ impl TrainConfig {
             "objective.attn_latent_downscale",
             "must be a power of two",
         )?;
+        check(
+            o.drop_image + o.drop_text + o.drop_both <= 1.0,
+            "objective.drop_image + drop_text + drop_both",
+            "must be ≤ 1",
+        )?;
         for (key, p) in [
+            ("objective.drop_image", o.drop_image),
+            ("objective.drop_text", o.drop_text),
+            ("objective.drop_both", o.drop_both),
             ("objective.drop_face_tokens", o.drop_face_tokens),
             ("objective.drop_body_tokens", o.drop_body_tokens),
         ] {

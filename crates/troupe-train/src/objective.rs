@@ -35,6 +35,15 @@ pub struct ObjectiveConfig {
     /// min-SNR-γ weighting; `None` (reference) disables it.
     #[serde(default)]
     pub snr_gamma: Option<f64>,
+    /// Probability of dropping only the image conditioning (0.05): zero crops and ID vectors.
+    #[serde(default = "drop_image")]
+    pub drop_image: f64,
+    /// Probability of dropping only the caption (0.20).
+    #[serde(default = "drop_text")]
+    pub drop_text: f64,
+    /// Probability of dropping both (0.05).
+    #[serde(default = "drop_image")]
+    pub drop_both: f64,
     /// PPR face-token group dropout (0.1).
     #[serde(default = "token_drop")]
     pub drop_face_tokens: f64,
@@ -55,6 +64,12 @@ fn attn_loss_weight() -> f64 {
 fn attn_latent_downscale() -> usize {
     4
 }
+fn drop_image() -> f64 {
+    0.05
+}
+fn drop_text() -> f64 {
+    0.20
+}
 fn token_drop() -> f64 {
     0.1
 }
@@ -67,6 +82,9 @@ impl Default for ObjectiveConfig {
             attn_loss_weight: attn_loss_weight(),
             attn_latent_downscale: attn_latent_downscale(),
             snr_gamma: None,
+            drop_image: drop_image(),
+            drop_text: drop_text(),
+            drop_both: drop_image(),
             drop_face_tokens: token_drop(),
             drop_body_tokens: token_drop(),
         }

@@ -97,6 +97,12 @@ fn loader_config(config: &TrainConfig, frozen: &Frozen) -> LoaderConfig {
     let mut recipe = RecipeConfig::default();
     recipe.crop_size = frozen.image_size as u32;
     recipe.latent_downsample = frozen.vae.downscale_factor() as u32;
+    let o = &config.objective;
+    recipe.dropout = troupe_data::recipe::Dropout {
+        image: o.drop_image,
+        text: o.drop_text,
+        both: o.drop_both,
+    };
     LoaderConfig {
         batch_size: config.train.batch_size,
         seed: config.train.seed,
