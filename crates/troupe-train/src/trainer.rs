@@ -123,6 +123,34 @@ fn loader_config(config: &TrainConfig, frozen: &Frozen) -> LoaderConfig {
     }
 }
 
+/// `[========>         ]` for `done` of `total`.
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: usize = 20;
+    let filled = ((done as f64 / total.max(1) as f64) * WIDTH as f64).round() as usize;
+    let filled = filled.min(WIDTH);
+    let head = if filled < WIDTH && filled > 0 {
+        ">"
+    } else {
+        ""
+    };
+    let bar = "=".repeat(filled.saturating_sub(head.len())) + head;
+    format!("[{bar:<WIDTH$}]")
+}
+
+/// `1h02m`, `3m05s`, `42s`.
+fn format_eta(secs: f64) -> String {
+    let s = if secs.is_finite() {
+        secs.max(0.0).round() as u64
+    } else {
+        0
+    };
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
 /// Standard normal samples (Box–Muller) from the keyed generator.
 fn normals(rng: &mut KeyedRng, n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n + 1);
@@ -249,6 +277,7 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
     let crash_after: Option<u64> = std::env::var("TROUPE_CRASH_AFTER_STEP")
         .ok()
         .and_then(|v| v.parse().ok());
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = Instant::now();
     let start_step = state.step;
     let mut samples = 0usize;
@@ -348,10 +377,21 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
                     ("samples_per_s", rate),
                 ],
             )?;
-            eprintln!(
-                "step {:>6}/{} | loss {total:.4} (noise {noise_l:.4}, attn {attn_l:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {:.0} s",
-                state.step, t.max_steps, lrs[0], eta
+            let line = format!(
+                "{} step {:>6}/{} | loss {total:.4} (noise {noise_l:.4}, attn {attn_l:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {}",
+                progress_bar(state.step, t.max_steps),
+                state.step,
+                t.max_steps,
+                lrs[0],
+                format_eta(eta)
             );
+            // On a terminal the bar redraws in place; in logs every update is its own line.
+            if interactive {
+                let end = if state.step == t.max_steps { "\n" } else { "" };
+                eprint!("\r{line}\x1b[K{end}");
+            } else {
+                eprintln!("{line}");
+            }
         }
         let interrupted = stop.load(Ordering::SeqCst);
         if state.step % config.checkpoint.every_steps == 0
