@@ -197,3 +197,49 @@ fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sigterm_checkpoints_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("r");
+    let dir = format!("run.dir={}", run.display());
+    let child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .current_dir(root())
+        .args([
+            "train",
+            "--config",
+            "configs/tiny.toml",
+            "--set",
+            &dir,
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "checkpoint.every_steps=100000",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for a few logged steps, then ask it to stop.
+    let metrics = run.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .collect();
+    assert_eq!(ckpts.len(), 1, "one checkpoint written on SIGTERM");
+}
