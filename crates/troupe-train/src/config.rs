@@ -140,11 +140,17 @@ pub struct TrainSection {
     /// Consecutive non-finite steps after which the run stops.
     #[serde(default = "nonfinite")]
     pub max_nonfinite_steps: u64,
+    /// `cpu`, `cuda[:N]` or `vulkan[:N]` (GPU backends need the matching cargo feature).
+    #[serde(default = "cpu")]
+    pub device: String,
     /// Log a metrics line every N steps.
     #[serde(default = "one_u64")]
     pub log_every: u64,
 }
 
+fn cpu() -> String {
+    "cpu".into()
+}
 fn one() -> usize {
     1
 }
@@ -259,6 +265,7 @@ impl TrainConfig {
             "must be ≥ 0",
         )?;
         check(t.log_every > 0, "train.log_every", "must be > 0")?;
+        crate::device::parse_device(&t.device)?;
         check(
             t.max_nonfinite_steps > 0,
             "train.max_nonfinite_steps",

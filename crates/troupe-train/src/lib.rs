@@ -4,6 +4,7 @@
 //! * [`model`]: frozen SDXL parts, the trainable [`model::Adapter`], the training forward pass.
 //! * [`trainer`]: the step loop; [`checkpoint`]: atomic checkpoints with exact resume.
 //! * [`export`]: adapter files (safetensors with metadata, the reference `mask.bin`).
+//! * [`device`]: `train.device` → a burn device (`cpu`; `cuda`/`vulkan` behind cargo features).
 //! * [`ddpm`]: diffusers' DDPM forward process (noise schedule, targets, SNR weights).
 //! * [`objective`]: the StoryMaker losses (region-weighted noise MSE, attention-map loss).
 //! * [`tensorboard`]: scalar metrics as TensorBoard event files (next to `metrics.jsonl`).
@@ -12,6 +13,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod ddpm;
+pub mod device;
 pub mod export;
 pub mod model;
 pub mod objective;

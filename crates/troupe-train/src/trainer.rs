@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::prelude::*;
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
 use troupe_data::plan::SizeRule;
 use troupe_data::recipe::RecipeConfig;
@@ -206,7 +205,9 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
     let dir = config.run.dir.clone();
     require_dir(&config.model.base, "model.base")?;
     require_dir(&config.model.image_encoder, "model.image_encoder")?;
-    let device = Device::flex().autodiff();
+    let device = crate::device::parse_device(&config.train.device)
+        .map_err(anyhow::Error::msg)?
+        .autodiff();
     let t = &config.train;
     let (frozen, mut adapter) = load_models(&config.model, t.seed, &device)?;
     if !resuming
