@@ -38,6 +38,22 @@ fn train(run_dir: &Path, steps: u64, env: &[(&str, &str)]) -> Output {
     )
 }
 
+/// `troupe train --config configs/tiny.toml --set run.dir=DIR --set …` for each of `sets`.
+fn train_with(run_dir: &Path, sets: &[&str]) -> Output {
+    let dir = format!("run.dir={}", run_dir.display());
+    let mut args = vec![
+        "train",
+        "--config",
+        "configs/tiny.toml",
+        "--set",
+        dir.as_str(),
+    ];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    troupe(&args, &[])
+}
+
 fn read(dir: &Path, file: &str) -> Vec<u8> {
     std::fs::read(dir.join(file)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()))
 }
@@ -126,64 +142,31 @@ fn corrupted_checkpoint_is_never_loaded() {
 #[test]
 fn config_errors_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = format!("run.dir={}", tmp.path().join("r").display());
-    let out = troupe(
-        &[
-            "train",
-            "--config",
-            "configs/tiny.toml",
-            "--set",
-            &dir,
-            "--set",
-            "train.max_stepz=3",
-        ],
-        &[],
-    );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("max_stepz"), "{stderr}");
-
-    let out = troupe(
-        &[
-            "train",
-            "--config",
-            "configs/tiny.toml",
-            "--set",
-            &dir,
-            "--set",
-            "checkpoint.keep_last=0",
-        ],
-        &[],
-    );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("checkpoint.keep_last"), "{stderr}");
+    let run = tmp.path().join("r");
+    for (set, key) in [
+        ("train.max_stepz=3", "max_stepz"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+    ] {
+        let out = train_with(&run, &[set]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(key), "{stderr}");
+    }
 }
 
 #[test]
 fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = format!("run.dir={}", tmp.path().join("r").display());
     // An absurd learning rate blows the weights up; the loss turns non-finite.
-    let out = troupe(
+    let out = train_with(
+        &tmp.path().join("r"),
         &[
-            "train",
-            "--config",
-            "configs/tiny.toml",
-            "--set",
-            &dir,
-            "--set",
             "train.lr=1e30",
-            "--set",
             "train.lr_adapter=1e30",
-            "--set",
             "train.max_grad_norm=1e30",
-            "--set",
             "train.max_nonfinite_steps=2",
-            "--set",
             "train.max_steps=30",
         ],
-        &[],
     );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
