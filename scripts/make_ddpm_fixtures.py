@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """diffusers DDPMScheduler schedules for troupe-train's parity test.
 
-Writes crates/troupe-train/tests/fixtures/ddpm.json: for several scheduler configs, the config
+Writes crates/troupe-diffusion/tests/fixtures/ddpm.json: for several scheduler configs, the config
 and diffusers' `alphas_cumprod` (float32 values as exact decimal strings of their bits).
 
 Run: ~/.cache/troupe-pyref/bin/python scripts/make_ddpm_fixtures.py
@@ -25,6 +25,6 @@ for name, cfg in CONFIGS.items():
     s = DDPMScheduler(**cfg)
     bits = [struct.unpack("<I", struct.pack("<f", float(a)))[0] for a in s.alphas_cumprod.float().tolist()]
     out[name] = {"config": cfg, "alphas_cumprod_bits": bits}
-path = os.path.join(os.path.dirname(__file__), "..", "crates/troupe-train/tests/fixtures/ddpm.json")
+path = os.path.join(os.path.dirname(__file__), "..", "crates/troupe-diffusion/tests/fixtures/ddpm.json")
 json.dump(out, open(path, "w"))
 print("wrote", path)

@@ -4,14 +4,16 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use troupe_data::DataError;
 use troupe_data::check::check_shards;
-use troupe_data::image_io::{encode_png_gray, encode_png_rgb, DecodeLimits};
+use troupe_data::image_io::{DecodeLimits, encode_png_gray, encode_png_rgb};
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
-use troupe_data::pack::{pack_manifest, OnBadLine};
+use troupe_data::pack::{OnBadLine, pack_manifest};
 use troupe_data::schema::{Character, EncodedImage, Sample};
 use troupe_data::shard::{ShardReader, ShardWriter, ShardWriterOptions};
-use troupe_data::DataError;
-use troupe_tests::{embedding, face_keypoints, image, rect_mask, varied_rows, write_manifest_dataset};
+use troupe_tests::{
+    embedding, face_keypoints, image, rect_mask, varied_rows, write_manifest_dataset,
+};
 
 const RECT: [u32; 4] = [10, 12, 50, 70];
 
@@ -19,14 +21,20 @@ fn good_sample(i: usize) -> Sample {
     let (w, h) = (97, 83);
     Sample {
         id: format!("s{i}"),
-        image: EncodedImage { bytes: encode_png_rgb(&image(w, h, i as u32)), path: None },
+        image: EncodedImage {
+            bytes: encode_png_rgb(&image(w, h, i as u32)),
+            path: None,
+        },
         width: w,
         height: h,
         caption: format!("sample {i}"),
         characters: vec![Character {
             embedding: embedding(i as u32),
             keypoints: face_keypoints(RECT),
-            mask: EncodedImage { bytes: encode_png_gray(&rect_mask(w, h, RECT)), path: None },
+            mask: EncodedImage {
+                bytes: encode_png_gray(&rect_mask(w, h, RECT)),
+                path: None,
+            },
             bbox: RECT,
         }],
         pose: None,
@@ -35,7 +43,14 @@ fn good_sample(i: usize) -> Sample {
 
 /// Writes `samples` unvalidated (the writer stores what it is given) as one shard.
 fn write_raw(dir: &Path, samples: Vec<Sample>) -> PathBuf {
-    let mut w = ShardWriter::new(dir, ShardWriterOptions { rows_per_row_group: 4, ..Default::default() }).unwrap();
+    let mut w = ShardWriter::new(
+        dir,
+        ShardWriterOptions {
+            rows_per_row_group: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for s in samples {
         w.push(s).unwrap();
     }
@@ -44,12 +59,30 @@ fn write_raw(dir: &Path, samples: Vec<Sample>) -> PathBuf {
 
 fn assert_names(errors: &[DataError], file: &Path, row: u64, field: &str, words: &str) {
     let hit = errors.iter().any(|e| {
-        e.at.file == file && e.at.row == Some(row) && e.at.field.as_deref() == Some(field) && e.message.contains(words)
+        e.at.file == file
+            && e.at.row == Some(row)
+            && e.at.field.as_deref() == Some(field)
+            && e.message.contains(words)
     });
-    let text = errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n");
-    assert!(hit, "expected `{field}` at row {row} of {} mentioning `{words}`, got:\n{text}", file.display());
-    let shown = errors.iter().find(|e| e.at.row == Some(row) && e.at.field.as_deref() == Some(field)).unwrap().to_string();
-    assert!(shown.contains(&file.display().to_string()) && shown.contains(field), "Display names file and field: {shown}");
+    let text = errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        hit,
+        "expected `{field}` at row {row} of {} mentioning `{words}`, got:\n{text}",
+        file.display()
+    );
+    let shown = errors
+        .iter()
+        .find(|e| e.at.row == Some(row) && e.at.field.as_deref() == Some(field))
+        .unwrap()
+        .to_string();
+    assert!(
+        shown.contains(&file.display().to_string()) && shown.contains(field),
+        "Display names file and field: {shown}"
+    );
 }
 
 fn check(path: &Path) -> Vec<DataError> {
@@ -74,12 +107,33 @@ fn check_names_file_row_and_field_for_each_bad_value() {
     assert_names(&errors, &path, 1, "image", "decode");
     assert_names(&errors, &path, 2, "image", "not a recognised image");
     assert_names(&errors, &path, 3, "characters[0].embedding", "not finite");
-    assert_names(&errors, &path, 4, "characters[0].embedding", "expected 512 values, found 511");
-    assert_names(&errors, &path, 5, "characters[0].mask", "mask is 40x40, the image is 97x83");
+    assert_names(
+        &errors,
+        &path,
+        4,
+        "characters[0].embedding",
+        "expected 512 values, found 511",
+    );
+    assert_names(
+        &errors,
+        &path,
+        5,
+        "characters[0].mask",
+        "mask is 40x40, the image is 97x83",
+    );
     assert_names(&errors, &path, 6, "characters[0].mask", "empty");
-    assert_names(&errors, &path, 7, "characters", "expected 1 to 3 characters, found 0");
+    assert_names(
+        &errors,
+        &path,
+        7,
+        "characters",
+        "expected 1 to 3 characters, found 0",
+    );
     assert_names(&errors, &path, 8, "characters[0].keypoints", "outside");
-    assert!(errors.iter().all(|e| e.at.row != Some(0)), "row 0 is fine: {errors:?}");
+    assert!(
+        errors.iter().all(|e| e.at.row != Some(0)),
+        "row 0 is fine: {errors:?}"
+    );
 }
 
 #[test]
@@ -88,13 +142,25 @@ fn the_loader_fails_naming_the_row_or_skips_and_reports_it() {
     let mut rows: Vec<Sample> = (0..6).map(good_sample).collect();
     rows[4].characters[0].embedding[0] = f32::INFINITY;
     let path = write_raw(dir.path(), rows);
-    let config = |policy| LoaderConfig { batch_size: 2, workers: 2, on_bad_row: policy, ..LoaderConfig::default() };
+    let config = |policy| LoaderConfig {
+        batch_size: 2,
+        workers: 2,
+        on_bad_row: policy,
+        ..LoaderConfig::default()
+    };
 
     let mut failing = Loader::new(std::slice::from_ref(&path), config(BadRowPolicy::Fail)).unwrap();
-    let err = (0..3).map(|_| failing.next_batch()).find_map(Result::err).expect("the bad row stops the loader");
-    assert_eq!((err.at.row, err.at.field.as_deref()), (Some(4), Some("characters[0].embedding")));
+    let err = (0..3)
+        .map(|_| failing.next_batch())
+        .find_map(Result::err)
+        .expect("the bad row stops the loader");
+    assert_eq!(
+        (err.at.row, err.at.field.as_deref()),
+        (Some(4), Some("characters[0].embedding"))
+    );
 
-    let mut skipping = Loader::new(std::slice::from_ref(&path), config(BadRowPolicy::Skip)).unwrap();
+    let mut skipping =
+        Loader::new(std::slice::from_ref(&path), config(BadRowPolicy::Skip)).unwrap();
     let mut yielded = 0;
     while skipping.state().epoch == 0 {
         yielded += skipping.next_batch().unwrap().len();
@@ -103,7 +169,11 @@ fn the_loader_fails_naming_the_row_or_skips_and_reports_it() {
     let skipped = skipping.take_skipped();
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].at.row, Some(4));
-    assert_eq!(skipping.state().skipped, 1, "the count survives in the saved position");
+    assert_eq!(
+        skipping.state().skipped,
+        1,
+        "the count survives in the saved position"
+    );
 }
 
 #[test]
@@ -116,9 +186,16 @@ fn unreadable_files_are_refused_with_the_reason() {
     let cut = dir.path().join("cut.parquet");
     std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
     let e = ShardReader::open(&cut).unwrap_err();
-    assert!(e.to_string().contains("cut.parquet") && e.message.contains("truncated or corrupt"), "{e}");
+    assert!(
+        e.to_string().contains("cut.parquet") && e.message.contains("truncated or corrupt"),
+        "{e}"
+    );
     let problems = check(&cut);
-    assert_eq!(problems.len(), 1, "check reports the file, does not panic: {problems:?}");
+    assert_eq!(
+        problems.len(),
+        1,
+        "check reports the file, does not panic: {problems:?}"
+    );
 
     // Unknown schema version, missing column, mistyped column: written with arrow directly.
     use arrow_array::{ArrayRef, Int32Array, RecordBatch, StringArray};
@@ -129,13 +206,24 @@ fn unreadable_files_are_refused_with_the_reason() {
     let write = |name: &str, version: &str, columns: Vec<(&str, ArrayRef)>| -> PathBuf {
         let p = dir.path().join(name);
         let schema = Arc::new(Schema::new(
-            columns.iter().map(|(n, a)| Field::new(*n, a.data_type().clone(), true)).collect::<Vec<_>>(),
+            columns
+                .iter()
+                .map(|(n, a)| Field::new(*n, a.data_type().clone(), true))
+                .collect::<Vec<_>>(),
         ));
-        let batch = RecordBatch::try_new(schema.clone(), columns.into_iter().map(|(_, a)| a).collect()).unwrap();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            columns.into_iter().map(|(_, a)| a).collect(),
+        )
+        .unwrap();
         let props = WriterProperties::builder()
-            .set_key_value_metadata(Some(vec![KeyValue::new("troupe.schema_version".into(), version.to_string())]))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                "troupe.schema_version".into(),
+                version.to_string(),
+            )]))
             .build();
-        let mut w = ArrowWriter::try_new(std::fs::File::create(&p).unwrap(), schema, Some(props)).unwrap();
+        let mut w =
+            ArrowWriter::try_new(std::fs::File::create(&p).unwrap(), schema, Some(props)).unwrap();
         w.write(&batch).unwrap();
         w.close().unwrap();
         p
@@ -148,10 +236,17 @@ fn unreadable_files_are_refused_with_the_reason() {
     let e = ShardReader::open(&p).unwrap_err();
     assert_eq!(e.at.field.as_deref(), Some("image"), "{e}");
     assert!(e.message.contains("missing"), "{e}");
-    let p = write("mistyped.parquet", "1", vec![("id", Arc::new(Int32Array::from(vec![1])) as ArrayRef)]);
+    let p = write(
+        "mistyped.parquet",
+        "1",
+        vec![("id", Arc::new(Int32Array::from(vec![1])) as ArrayRef)],
+    );
     let e = ShardReader::open(&p).unwrap_err();
     assert_eq!(e.at.field.as_deref(), Some("id"));
-    assert!(e.message.contains("Int32") && e.message.contains("Utf8"), "{e}");
+    assert!(
+        e.message.contains("Int32") && e.message.contains("Utf8"),
+        "{e}"
+    );
 }
 
 /// A PNG whose header claims `w`×`h` (CRC fixed so decoders accept the header).
@@ -169,7 +264,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         c ^= b as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -197,15 +296,50 @@ fn pack_names_the_manifest_line_and_leaves_nothing_behind() {
     std::fs::write(src.join("img/0003.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap(); // corrupt image, line 5
 
     let out = dir.path().join("out");
-    let opts = || ShardWriterOptions { rows_per_row_group: 1, ..Default::default() };
-    let errors = pack_manifest(&manifest, &out, opts(), OnBadLine::Fail, DecodeLimits::default()).unwrap_err();
-    assert_eq!((errors[0].at.row, errors[0].at.unit), (Some(3), "line"), "{errors:?}");
-    assert!(errors[0].to_string().contains("manifest.jsonl: line 3"), "{}", errors[0]);
+    let opts = || ShardWriterOptions {
+        rows_per_row_group: 1,
+        ..Default::default()
+    };
+    let errors = pack_manifest(
+        &manifest,
+        &out,
+        opts(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        (errors[0].at.row, errors[0].at.unit),
+        (Some(3), "line"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[0].to_string().contains("manifest.jsonl: line 3"),
+        "{}",
+        errors[0]
+    );
     let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
-    assert!(left.is_empty(), "a failed pack removes the shards it wrote: {left:?}");
+    assert!(
+        left.is_empty(),
+        "a failed pack removes the shards it wrote: {left:?}"
+    );
 
-    let report = pack_manifest(&manifest, &dir.path().join("out2"), opts(), OnBadLine::Skip, DecodeLimits::default()).unwrap();
+    let report = pack_manifest(
+        &manifest,
+        &dir.path().join("out2"),
+        opts(),
+        OnBadLine::Skip,
+        DecodeLimits::default(),
+    )
+    .unwrap();
     assert_eq!(report.rows, 3);
-    let lines: Vec<_> = report.skipped.iter().map(|e| (e.at.row, e.at.field.clone())).collect();
-    assert_eq!(lines, vec![(Some(3), None), (Some(5), Some("image".into()))]);
+    let lines: Vec<_> = report
+        .skipped
+        .iter()
+        .map(|e| (e.at.row, e.at.field.clone()))
+        .collect();
+    assert_eq!(
+        lines,
+        vec![(Some(3), None), (Some(5), Some("image".into()))]
+    );
 }

@@ -3,22 +3,39 @@
 use troupe_data::check::check_shards;
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{Loader, LoaderConfig};
-use troupe_data::pack::{pack_manifest, read_npy_f32, OnBadLine, PackReport};
+use troupe_data::pack::{OnBadLine, PackReport, pack_manifest, read_npy_f32};
 use troupe_data::plan::SizeRule;
 use troupe_data::recipe::{Dropout, RecipeConfig};
-use troupe_data::shard::{find_shards, ShardReader, ShardWriterOptions};
+use troupe_data::shard::{ShardReader, ShardWriterOptions, find_shards};
 use troupe_tests::{embedding, face_keypoints, npy, npy_f32, varied_rows, write_manifest_dataset};
 
 fn small_groups() -> ShardWriterOptions {
-    ShardWriterOptions { rows_per_row_group: 3, shard_rows: 7, ..ShardWriterOptions::default() }
+    ShardWriterOptions {
+        rows_per_row_group: 3,
+        shard_rows: 7,
+        ..ShardWriterOptions::default()
+    }
 }
 
 /// Packs `varied_rows(12)` under `dir`; returns the rows and the shard folder.
-fn packed(dir: &std::path::Path) -> (Vec<troupe_tests::ManifestRow>, std::path::PathBuf, PackReport) {
+fn packed(
+    dir: &std::path::Path,
+) -> (
+    Vec<troupe_tests::ManifestRow>,
+    std::path::PathBuf,
+    PackReport,
+) {
     let rows = varied_rows(12);
     let manifest = write_manifest_dataset(&dir.join("src"), &rows);
     let out = dir.join("shards");
-    let report = pack_manifest(&manifest, &out, small_groups(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let report = pack_manifest(
+        &manifest,
+        &out,
+        small_groups(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap();
     (rows, out, report)
 }
 
@@ -28,7 +45,11 @@ fn npy_float32_and_float64_read_exactly() {
     assert_eq!(read_npy_f32(&npy_f32(&v, "(1, 3)")).unwrap(), v);
     let f64s: Vec<u8> = v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
     assert_eq!(read_npy_f32(&npy("<f8", "(3,)", &f64s)).unwrap(), v);
-    assert!(read_npy_f32(&npy("<i8", "(3,)", &f64s)).unwrap_err().contains("<i8"));
+    assert!(
+        read_npy_f32(&npy("<i8", "(3,)", &f64s))
+            .unwrap_err()
+            .contains("<i8")
+    );
     assert!(read_npy_f32(b"not numpy").is_err());
 }
 
@@ -53,13 +74,19 @@ fn packed_rows_equal_their_inputs_and_check_clean() {
             for (_, sample) in reader.read_row_group(g).unwrap() {
                 let s = sample.unwrap();
                 let i: usize = s.caption.strip_prefix("row ").unwrap().parse().unwrap();
-                let src = std::fs::read(dir.path().join("src").join(format!("img/{i:04}.png"))).unwrap();
+                let src =
+                    std::fs::read(dir.path().join("src").join(format!("img/{i:04}.png"))).unwrap();
                 assert_eq!(s.image.bytes, src, "image bytes are stored as given");
                 assert_eq!((s.width, s.height), (rows[i].width, rows[i].height));
                 assert_eq!(s.characters.len(), rows[i].rects.len());
                 for (j, c) in s.characters.iter().enumerate() {
                     let want = embedding(10 * i as u32 + j as u32);
-                    assert!(c.embedding.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+                    assert!(
+                        c.embedding
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits())
+                    );
                     assert_eq!(c.keypoints, face_keypoints(rows[i].rects[j]));
                     assert_eq!(c.bbox, rows[i].rects[j]);
                 }
@@ -76,7 +103,14 @@ fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
     let dir = tempfile::tempdir().unwrap();
     let (rows, out, _) = packed(dir.path());
     let shards = find_shards(&[out]).unwrap();
-    let no_dropout = RecipeConfig { dropout: Dropout { image: 0.0, text: 0.0, both: 0.0 }, ..RecipeConfig::default() };
+    let no_dropout = RecipeConfig {
+        dropout: Dropout {
+            image: 0.0,
+            text: 0.0,
+            both: 0.0,
+        },
+        ..RecipeConfig::default()
+    };
     let config = LoaderConfig {
         batch_size: 2,
         seed: 3,
@@ -94,7 +128,11 @@ fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
         let (n, c) = (b.len(), b.max_characters);
         let (h, w) = (b.height as usize, b.width as usize);
         assert_eq!(b.pixels.len(), n * 3 * h * w);
-        assert_eq!(b.masks.len(), n * c * (h / 8) * (w / 8), "masks at 1/8 resolution");
+        assert_eq!(
+            b.masks.len(),
+            n * c * (h / 8) * (w / 8),
+            "masks at 1/8 resolution"
+        );
         assert_eq!(b.char_pixels.len(), n * c * 3 * 224 * 224);
         assert_eq!(b.face_pixels.len(), n * c * 3 * 224 * 224);
         assert_eq!(b.time_ids.len(), n * 6);
@@ -109,9 +147,18 @@ fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
                 let got = &b.id_embeds[(k * c + j) * 512..(k * c + j + 1) * 512];
                 if real {
                     let want = embedding(10 * i as u32 + j as u32);
-                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i} char {j}");
-                    let m = &b.masks[(k * c + j) * (h / 8) * (w / 8)..(k * c + j + 1) * (h / 8) * (w / 8)];
-                    assert!(m.iter().any(|&v| v > 0.5), "a character's loss mask covers it");
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "row {i} char {j}"
+                    );
+                    let m = &b.masks
+                        [(k * c + j) * (h / 8) * (w / 8)..(k * c + j + 1) * (h / 8) * (w / 8)];
+                    assert!(
+                        m.iter().any(|&v| v > 0.5),
+                        "a character's loss mask covers it"
+                    );
                 } else {
                     assert!(got.iter().all(|&v| v == 0.0), "padding is zero");
                 }
@@ -120,5 +167,9 @@ fn the_loader_yields_every_row_once_per_epoch_with_exact_embeddings() {
         }
     }
     captions.sort();
-    assert_eq!(captions, (0..12).collect::<Vec<_>>(), "each row exactly once per epoch");
+    assert_eq!(
+        captions,
+        (0..12).collect::<Vec<_>>(),
+        "each row exactly once per epoch"
+    );
 }

@@ -3,12 +3,12 @@
 use std::path::Path;
 
 use image::{Rgb, RgbImage};
-use troupe_data::check::check_shards;
-use troupe_data::image_io::{decode_gray, encode_png_rgb, DecodeLimits};
-use troupe_data::import::{import_storymaker, SLOT_COLOURS};
-use troupe_data::pack::OnBadLine;
-use troupe_data::shard::{find_shards, ShardReader, ShardWriterOptions};
 use troupe_data::Location;
+use troupe_data::check::check_shards;
+use troupe_data::image_io::{DecodeLimits, decode_gray, encode_png_rgb};
+use troupe_data::import::{SLOT_COLOURS, import_storymaker};
+use troupe_data::pack::OnBadLine;
+use troupe_data::shard::{ShardReader, ShardWriterOptions, find_shards};
 use troupe_pt::{Tensor, Value};
 use troupe_tests::{embedding, image};
 
@@ -20,22 +20,48 @@ struct Entry {
 
 fn entries() -> Vec<Entry> {
     vec![
-        Entry { size: (301, 517), rects: vec![[40, 60, 140, 300]] },
-        Entry { size: (333, 211), rects: vec![[5, 10, 100, 200], [150, 0, 250, 150]] },
-        Entry { size: (411, 257), rects: vec![[0, 20, 100, 257], [120, 30, 220, 200], [260, 40, 411, 240]] },
+        Entry {
+            size: (301, 517),
+            rects: vec![[40, 60, 140, 300]],
+        },
+        Entry {
+            size: (333, 211),
+            rects: vec![[5, 10, 100, 200], [150, 0, 250, 150]],
+        },
+        Entry {
+            size: (411, 257),
+            rects: vec![[0, 20, 100, 257], [120, 30, 220, 200], [260, 40, 411, 240]],
+        },
     ]
 }
 
 /// Crop-relative keypoints as the reference stores them: a face-like layout inside the crop.
 fn crop_kps(i: usize, j: usize) -> [f32; 10] {
     let o = (i * 3 + j) as f32;
-    [20.0 + o, 30.0, 50.0 + o, 31.0, 35.0, 45.0, 24.0, 60.0 + o, 47.0, 61.0]
+    [
+        20.0 + o,
+        30.0,
+        50.0 + o,
+        31.0,
+        35.0,
+        45.0,
+        24.0,
+        60.0 + o,
+        47.0,
+        61.0,
+    ]
 }
 
 fn write_faceid(path: &Path, id: &[f32], kps: &[f32; 10]) {
     let value = Value::Dict(vec![
-        (Value::Str("id".into()), Value::Tensor(Tensor::from_f32(vec![1, 512], id).unwrap())),
-        (Value::Str("kps".into()), Value::Tensor(Tensor::from_f32(vec![5, 2], kps).unwrap())),
+        (
+            Value::Str("id".into()),
+            Value::Tensor(Tensor::from_f32(vec![1, 512], id).unwrap()),
+        ),
+        (
+            Value::Str("kps".into()),
+            Value::Tensor(Tensor::from_f32(vec![5, 2], kps).unwrap()),
+        ),
     ]);
     troupe_pt::write_file(path, &value).unwrap();
 }
@@ -46,7 +72,11 @@ fn write_layout(root: &Path) -> std::path::PathBuf {
     let mut index = serde_json::Map::new();
     for (i, e) in entries().iter().enumerate() {
         let (w, h) = e.size;
-        std::fs::write(root.join(format!("{i:03}.png")), encode_png_rgb(&image(w, h, i as u32))).unwrap();
+        std::fs::write(
+            root.join(format!("{i:03}.png")),
+            encode_png_rgb(&image(w, h, i as u32)),
+        )
+        .unwrap();
         let mut mask = RgbImage::new(w, h);
         for (j, r) in e.rects.iter().enumerate() {
             for y in r[1]..r[3] {
@@ -56,16 +86,32 @@ fn write_layout(root: &Path) -> std::path::PathBuf {
             }
         }
         if i == 1 {
-            mask = image::imageops::resize(&mask, w * 2, h * 2, image::imageops::FilterType::Nearest);
+            mask =
+                image::imageops::resize(&mask, w * 2, h * 2, image::imageops::FilterType::Nearest);
         }
         mask.save(root.join(format!("{i:03}_mask.png"))).unwrap();
         let faceid = root.join(format!("{i:03}_faceid"));
         std::fs::create_dir_all(&faceid).unwrap();
         for j in 0..e.rects.len() {
-            write_faceid(&faceid.join(format!("{j}.bin")), &embedding(100 + 10 * i as u32 + j as u32), &crop_kps(i, j));
+            write_faceid(
+                &faceid.join(format!("{j}.bin")),
+                &embedding(100 + 10 * i as u32 + j as u32),
+                &crop_kps(i, j),
+            );
         }
-        let pose = if i == 0 { serde_json::json!(format!("{i:03}.png")) } else { serde_json::json!("") };
-        let entry = serde_json::json!([format!("{i:03}.png"), pose, format!("{i:03}_mask.png"), format!("caption {i}"), e.rects.len(), format!("{i:03}_faceid")]);
+        let pose = if i == 0 {
+            serde_json::json!(format!("{i:03}.png"))
+        } else {
+            serde_json::json!("")
+        };
+        let entry = serde_json::json!([
+            format!("{i:03}.png"),
+            pose,
+            format!("{i:03}_mask.png"),
+            format!("caption {i}"),
+            e.rects.len(),
+            format!("{i:03}_faceid")
+        ]);
         index.insert(e.rects.len().to_string(), serde_json::json!([entry]));
     }
     let path = root.join("test.json");
@@ -78,14 +124,26 @@ fn import_reads_masks_embeddings_and_crop_relative_keypoints() {
     let dir = tempfile::tempdir().unwrap();
     let index = write_layout(dir.path());
     let out = dir.path().join("shards");
-    let report = import_storymaker(&index, &out, ShardWriterOptions::default(), OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let report = import_storymaker(
+        &index,
+        &out,
+        ShardWriterOptions::default(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap();
     assert_eq!(report.rows, 3);
     let shards = find_shards(&[out]).unwrap();
     let checked = check_shards(&shards, DecodeLimits::default(), 1);
     assert!(checked.problems.is_empty(), "{:?}", checked.problems);
 
     let reader = ShardReader::open(&shards[0]).unwrap();
-    let rows: Vec<_> = reader.read_row_group(0).unwrap().into_iter().map(|(_, s)| s.unwrap()).collect();
+    let rows: Vec<_> = reader
+        .read_row_group(0)
+        .unwrap()
+        .into_iter()
+        .map(|(_, s)| s.unwrap())
+        .collect();
     for (i, e) in entries().iter().enumerate() {
         let s = &rows[i];
         assert_eq!((s.width, s.height), e.size);
@@ -94,12 +152,24 @@ fn import_reads_masks_embeddings_and_crop_relative_keypoints() {
         assert_eq!(s.characters.len(), e.rects.len());
         for (j, c) in s.characters.iter().enumerate() {
             let want = embedding(100 + 10 * i as u32 + j as u32);
-            assert!(c.embedding.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
-            assert_eq!(c.bbox, e.rects[j], "the mask is exactly the character's colour");
-            let mask = decode_gray(&c.mask.bytes, &Location::default(), DecodeLimits::default()).unwrap();
+            assert!(
+                c.embedding
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            assert_eq!(
+                c.bbox, e.rects[j],
+                "the mask is exactly the character's colour"
+            );
+            let mask =
+                decode_gray(&c.mask.bytes, &Location::default(), DecodeLimits::default()).unwrap();
             assert!(mask.iter().all(|&v| v == 0 || v == 255));
             // The crop is the 7x7-dilated mask's bounding box: the rectangle grown by 3, clipped.
-            let (x0, y0) = (e.rects[j][0].saturating_sub(3) as f32, e.rects[j][1].saturating_sub(3) as f32);
+            let (x0, y0) = (
+                e.rects[j][0].saturating_sub(3) as f32,
+                e.rects[j][1].saturating_sub(3) as f32,
+            );
             let kps = crop_kps(i, j);
             for k in 0..5 {
                 assert_eq!(c.keypoints[2 * k], kps[2 * k] + x0);
@@ -114,20 +184,44 @@ fn import_errors_name_the_entry_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let index = write_layout(dir.path());
     // Character 1 of entry "2" loses its colour; a faceid file of entry "3" is a pickle bomb.
-    let mut mask = image::open(dir.path().join("001_mask.png")).unwrap().to_rgb8();
-    mask.pixels_mut().filter(|p| p.0 == SLOT_COLOURS[1]).for_each(|p| *p = Rgb([0, 0, 0]));
+    let mut mask = image::open(dir.path().join("001_mask.png"))
+        .unwrap()
+        .to_rgb8();
+    mask.pixels_mut()
+        .filter(|p| p.0 == SLOT_COLOURS[1])
+        .for_each(|p| *p = Rgb([0, 0, 0]));
     mask.save(dir.path().join("001_mask.png")).unwrap();
-    std::fs::write(dir.path().join("002_faceid/2.bin"), b"PK\x03\x04 not really a zip").unwrap();
+    std::fs::write(
+        dir.path().join("002_faceid/2.bin"),
+        b"PK\x03\x04 not really a zip",
+    )
+    .unwrap();
     let out = dir.path().join("shards");
-    let errors = import_storymaker(&index, &out, ShardWriterOptions::default(), OnBadLine::Fail, DecodeLimits::default())
-        .unwrap_err();
+    let errors = import_storymaker(
+        &index,
+        &out,
+        ShardWriterOptions::default(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap_err();
     let e = &errors[0];
     assert_eq!(e.at.field.as_deref(), Some("\"2\"[0].mask"), "{e}");
     assert!(e.message.contains("character 1"), "{e}");
 
-    let report = import_storymaker(&index, &dir.path().join("skip"), ShardWriterOptions::default(), OnBadLine::Skip, DecodeLimits::default())
-        .unwrap();
+    let report = import_storymaker(
+        &index,
+        &dir.path().join("skip"),
+        ShardWriterOptions::default(),
+        OnBadLine::Skip,
+        DecodeLimits::default(),
+    )
+    .unwrap();
     assert_eq!(report.rows, 1);
     assert_eq!(report.skipped.len(), 2);
-    assert!(report.skipped[1].to_string().contains("2.bin"), "{}", report.skipped[1]);
+    assert!(
+        report.skipped[1].to_string().contains("2.bin"),
+        "{}",
+        report.skipped[1]
+    );
 }

@@ -2,17 +2,28 @@
 
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{Batch, Loader, LoaderConfig, LoaderState};
-use troupe_data::pack::{pack_manifest, OnBadLine};
+use troupe_data::pack::{OnBadLine, pack_manifest};
 use troupe_data::plan::SizeRule;
-use troupe_data::shard::{find_shards, ShardWriterOptions};
+use troupe_data::shard::{ShardWriterOptions, find_shards};
 use troupe_tests::{varied_rows, write_manifest_dataset};
 
 fn dataset() -> (tempfile::TempDir, Vec<std::path::PathBuf>) {
     let dir = tempfile::tempdir().unwrap();
     let manifest = write_manifest_dataset(&dir.path().join("src"), &varied_rows(14));
     let out = dir.path().join("shards");
-    let opts = ShardWriterOptions { rows_per_row_group: 3, shard_rows: 6, ..ShardWriterOptions::default() };
-    pack_manifest(&manifest, &out, opts, OnBadLine::Fail, DecodeLimits::default()).unwrap();
+    let opts = ShardWriterOptions {
+        rows_per_row_group: 3,
+        shard_rows: 6,
+        ..ShardWriterOptions::default()
+    };
+    pack_manifest(
+        &manifest,
+        &out,
+        opts,
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap();
     let shards = find_shards(&[out]).unwrap();
     (dir, shards)
 }
@@ -32,7 +43,9 @@ fn config(workers: usize) -> LoaderConfig {
 }
 
 fn take(loader: &mut Loader, n: usize) -> Vec<(Batch, LoaderState)> {
-    (0..n).map(|_| (loader.next_batch().unwrap(), loader.state().clone())).collect()
+    (0..n)
+        .map(|_| (loader.next_batch().unwrap(), loader.state().clone()))
+        .collect()
 }
 
 #[test]
@@ -42,11 +55,15 @@ fn resuming_from_any_saved_position_continues_the_same_stream() {
     // epochs have partial batches and group completions out of stream order).
     let mut straight = Loader::new(&shards, config(2)).unwrap();
     let reference = take(&mut straight, 30);
-    assert!(reference.last().unwrap().1.epoch >= 2, "the test spans epoch boundaries");
+    assert!(
+        reference.last().unwrap().1.epoch >= 2,
+        "the test spans epoch boundaries"
+    );
     for stop in [1usize, 2, 3, 5, 8, 13, 17, 22] {
         let state = reference[stop - 1].1.clone();
         // The state survives serialisation (it is stored in checkpoints as JSON).
-        let state: LoaderState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        let state: LoaderState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
         let mut resumed = Loader::resume(&shards, config(1), state).unwrap();
         let after = take(&mut resumed, 30 - stop);
         for (k, ((a, sa), (b, sb))) in reference[stop..].iter().zip(&after).enumerate() {
@@ -70,9 +87,16 @@ fn a_state_from_another_dataset_or_seed_is_refused() {
     let mut loader = Loader::new(&shards, config(1)).unwrap();
     loader.next_batch().unwrap();
     let state = loader.state().clone();
-    let other_seed = LoaderConfig { seed: 12, ..config(1) };
-    let err = Loader::resume(&shards, other_seed, state.clone()).err().expect("seed mismatch refused");
+    let other_seed = LoaderConfig {
+        seed: 12,
+        ..config(1)
+    };
+    let err = Loader::resume(&shards, other_seed, state.clone())
+        .err()
+        .expect("seed mismatch refused");
     assert!(err.to_string().contains("seed 11"), "{err}");
-    let err = Loader::resume(&shards[..1], config(1), state).err().expect("dataset mismatch refused");
+    let err = Loader::resume(&shards[..1], config(1), state)
+        .err()
+        .expect("dataset mismatch refused");
     assert!(err.to_string().contains("same shards"), "{err}");
 }

@@ -3,12 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
-use troupe_models::ppr::FaceIdPlusConfig;
+use troupe_models::adapter::{Adapter, AdapterSpec};
+use troupe_models::adapter_file::{AdapterFile, AdapterFormat, ExportDType, write_adapter};
 use troupe_models::unet::UNet2DConditionConfig;
-use troupe_train::export::{ExportDType, Format, read_adapter, write_adapter};
-use troupe_train::model::{export_metadata, fresh_adapter};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum FormatArg {
@@ -45,18 +44,18 @@ pub enum AdapterCommand {
         /// A diffusers `unet/config.json`.
         #[arg(long)]
         unet_config: PathBuf,
-        /// LoRA rank.
-        #[arg(long, default_value_t = 128)]
-        rank: usize,
-        /// Width of the CLIP image encoder's hidden states (1280 for ViT-H/14).
-        #[arg(long, default_value_t = 1280)]
-        clip_dim: usize,
-        /// Head width of the PPR resamplers.
-        #[arg(long, default_value_t = 64)]
-        ppr_dim_head: usize,
-        /// Layers of each PPR resampler.
-        #[arg(long, default_value_t = 4)]
-        ppr_depth: usize,
+        /// LoRA rank [default: StoryMaker's, 128].
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Width of the CLIP image encoder's hidden states [default: 1280, ViT-H/14].
+        #[arg(long)]
+        clip_dim: Option<usize>,
+        /// Head width of the PPR resamplers [default: 64].
+        #[arg(long)]
+        ppr_dim_head: Option<usize>,
+        /// Layers of each PPR resampler [default: 4].
+        #[arg(long)]
+        ppr_depth: Option<usize>,
         /// Seed of the random initialisation.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -66,47 +65,36 @@ pub enum AdapterCommand {
     },
 }
 
-/// The adapter file a run or checkpoint directory stands for.
-fn adapter_file(source: &Path) -> Result<PathBuf> {
-    if source.is_file() {
-        return Ok(source.to_path_buf());
+/// The adapter file a run or checkpoint directory (or a file) stands for, warning about
+/// skipped incomplete checkpoints.
+pub fn adapter_file(source: &Path) -> Result<PathBuf> {
+    let mut skipped = Vec::new();
+    let file = troupe_train::checkpoint::adapter_file(source, &mut skipped);
+    for s in skipped {
+        eprintln!("warning: skipping {s}");
     }
-    if source.join("adapter.safetensors").is_file() && source.join("COMPLETE").is_file() {
-        troupe_train::checkpoint::verify(source)?;
-        return Ok(source.join("adapter.safetensors"));
-    }
-    if source.is_dir() {
-        for (_, dir) in troupe_train::checkpoint::list(source)?.into_iter().rev() {
-            match troupe_train::checkpoint::verify(&dir) {
-                Ok(()) => return Ok(dir.join("adapter.safetensors")),
-                Err(e) => eprintln!("warning: skipping {e:#}"),
-            }
-        }
-        bail!("{}: no complete checkpoint", source.display());
-    }
-    bail!("{}: no such file or directory", source.display())
+    file
 }
 
 pub fn export(args: ExportArgs) -> Result<ExitCode> {
-    let file = adapter_file(&args.source)?;
-    let tensors = read_adapter(&file)?;
+    let file = AdapterFile::read(&adapter_file(&args.source)?)?;
+    // The architecture travels with every export (inferred for files that lack it).
+    let spec = file.spec()?;
     let format = match args.format {
-        FormatArg::Safetensors => Format::Safetensors,
-        FormatArg::StorymakerBin => Format::StorymakerBin,
+        FormatArg::Safetensors => AdapterFormat::Safetensors,
+        FormatArg::StorymakerBin => AdapterFormat::StorymakerBin,
     };
     let dtype = match args.dtype {
         DTypeArg::F32 => ExportDType::F32,
         DTypeArg::F16 => ExportDType::F16,
     };
-    // Keep the source's metadata (base model, rank, step, …) when it has any.
-    let mut metadata = std::collections::HashMap::new();
-    if file.extension().is_some_and(|e| e == "safetensors") {
-        let sd = troupe_models::weights::StateDict::from_file(&file)?;
-        metadata.extend(sd.metadata().iter().map(|(k, v)| (k.clone(), v.clone())));
-    }
-    metadata.insert("source".into(), file.display().to_string());
-    write_adapter(&args.out, &tensors, format, dtype, metadata)?;
-    println!("{}: {} tensors", args.out.display(), tensors.len());
+    // Keep the source's metadata (base model, step, …) and state the architecture.
+    let mut metadata = file.metadata.clone();
+    let (k, v) = spec.metadata();
+    metadata.insert(k, v);
+    metadata.insert("source".into(), file.path.display().to_string());
+    write_adapter(&args.out, &file.tensors, format, dtype, metadata)?;
+    println!("{}: {} tensors", args.out.display(), file.tensors.len());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -122,32 +110,33 @@ pub fn run(cmd: AdapterCommand) -> Result<ExitCode> {
             out,
         } => {
             let config = UNet2DConditionConfig::from_file(&unet_config)?;
-            let cross = config
-                .down_blocks(&unet_config.display().to_string())?
-                .first()
-                .map(|b| b.cross_attention_dim)
-                .context("the UNet config has no blocks")?;
-            let ppr = FaceIdPlusConfig::new()
-                .with_cross_attention_dim(cross)
-                .with_clip_embeddings_dim(clip_dim)
-                .with_resampler_dim_head(ppr_dim_head)
-                .with_resampler_depth(ppr_depth);
+            let mut spec = AdapterSpec::default();
+            spec.lora_rank = rank.unwrap_or(spec.lora_rank);
+            let p = &mut spec.ppr;
+            p.clip_embeddings_dim = clip_dim.unwrap_or(p.clip_embeddings_dim);
+            p.resampler_dim_head = ppr_dim_head.unwrap_or(p.resampler_dim_head);
+            p.resampler_depth = ppr_depth.unwrap_or(p.resampler_depth);
             let device = burn::prelude::Device::flex();
-            let adapter = fresh_adapter(&config, rank, &ppr, seed, &device)?;
+            let adapter = Adapter::fresh(&config, spec, seed, &device)
+                .with_context(|| format!("building an adapter for {}", unet_config.display()))?;
             let tensors = adapter.tensors();
-            let meta = export_metadata(
-                &adapter,
-                &unet_config.display().to_string(),
-                0,
-                "",
-                ppr_dim_head,
-            );
-            write_adapter(&out, &tensors, Format::Safetensors, ExportDType::F32, meta)?;
+            let meta = adapter.metadata([
+                ("base_model".to_string(), unet_config.display().to_string()),
+                ("step".to_string(), "0".to_string()),
+            ]);
+            write_adapter(
+                &out,
+                &tensors,
+                AdapterFormat::Safetensors,
+                ExportDType::F32,
+                meta,
+            )?;
             let processors = adapter.unet.processors().len();
             println!(
-                "{}: {} tensors, {processors} attention processors, LoRA rank {rank}",
+                "{}: {} tensors, {processors} attention processors, LoRA rank {}",
                 out.display(),
-                tensors.len()
+                tensors.len(),
+                adapter.spec.lora_rank
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -7,6 +7,7 @@ mod data;
 mod debug;
 mod inspect;
 mod plot;
+mod sample;
 mod train;
 
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ enum Command {
     Adapter(adapter::AdapterCommand),
     /// Render a run's loss curves (`metrics.jsonl`) to a PNG.
     Plot(plot::PlotArgs),
+    /// Generate images with an adapter: the StoryMaker pipeline (prompt + 1–3 character
+    /// references) on an SDXL base model.
+    Sample(Box<sample::SampleArgs>),
     /// Train a StoryMaker adapter: `--config FILE.toml [--set key=value …]` or `--resume RUN_DIR`.
     Train(train::TrainArgs),
 }
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot(args) => plot::run(args),
+        Command::Sample(args) => sample::run(*args),
         Command::Export(args) => adapter::export(args),
         Command::Adapter(cmd) => adapter::run(cmd),
     };

@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).output().expect("run troupe")
+    Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(args)
+        .output()
+        .expect("run troupe")
 }
 
 fn tiny() -> PathBuf {
@@ -13,21 +16,53 @@ fn tiny() -> PathBuf {
 
 #[test]
 fn every_data_command_has_help() {
-    for cmd in ["pack", "import-storymaker", "check", "stats", "synth", "preview", "bench"] {
+    for cmd in [
+        "pack",
+        "import-storymaker",
+        "check",
+        "stats",
+        "synth",
+        "preview",
+        "bench",
+    ] {
         let out = troupe(&["data", cmd, "--help"]);
         assert!(out.status.success(), "{cmd} --help failed");
-        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"), "{cmd}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "{cmd}"
+        );
     }
 }
 
 #[test]
 fn the_bundled_tiny_dataset_checks_clean_and_streams() {
     let out = troupe(&["data", "check", tiny().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("48 rows: 0 problem(s)"));
-    let out = troupe(&["data", "preview", tiny().to_str().unwrap(), "--batches", "3", "--batch-size", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).matches("epoch 0 batch").count(), 3);
+    let out = troupe(&[
+        "data",
+        "preview",
+        tiny().to_str().unwrap(),
+        "--batches",
+        "3",
+        "--batch-size",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .matches("epoch 0 batch")
+            .count(),
+        3
+    );
 }
 
 #[test]
@@ -40,17 +75,35 @@ fn check_exits_non_zero_naming_file_row_and_field() {
     let out = troupe(&["data", "check", cut.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cut.parquet") && err.contains("truncated or corrupt"), "{err}");
+    assert!(
+        err.contains("cut.parquet") && err.contains("truncated or corrupt"),
+        "{err}"
+    );
 
     // A manifest line with a wrong-length embedding: pack names the line and field and exits 1.
     let img = dir.path().join("a.png");
-    image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9])).save(&img).unwrap();
-    image::GrayImage::from_pixel(16, 16, image::Luma([255])).save(dir.path().join("m.png")).unwrap();
+    image::RgbImage::from_pixel(16, 16, image::Rgb([9, 9, 9]))
+        .save(&img)
+        .unwrap();
+    image::GrayImage::from_pixel(16, 16, image::Luma([255]))
+        .save(dir.path().join("m.png"))
+        .unwrap();
     let line = serde_json::json!({"image": "a.png", "caption": "x", "characters": [
         {"embedding": [1.0, 0.0], "keypoints": [1, 1, 2, 2, 3, 3, 4, 4, 5, 5], "mask": "m.png"}]});
     std::fs::write(dir.path().join("m.jsonl"), line.to_string()).unwrap();
-    let out = troupe(&["data", "pack", dir.path().join("m.jsonl").to_str().unwrap(), "--out", dir.path().join("o").to_str().unwrap()]);
+    let out = troupe(&[
+        "data",
+        "pack",
+        dir.path().join("m.jsonl").to_str().unwrap(),
+        "--out",
+        dir.path().join("o").to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("m.jsonl: line 1: field `characters[0].embedding`: expected 512 values, found 2"), "{err}");
+    assert!(
+        err.contains(
+            "m.jsonl: line 1: field `characters[0].embedding`: expected 512 values, found 2"
+        ),
+        "{err}"
+    );
 }

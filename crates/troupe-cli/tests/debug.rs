@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe")).args(args).output().expect("run troupe")
+    Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(args)
+        .output()
+        .expect("run troupe")
 }
 
 fn fixtures() -> PathBuf {
@@ -19,7 +22,9 @@ fn tokenizer_2(tmp: &Path) -> PathBuf {
     for f in ["vocab.json", "merges.txt"] {
         let gz = std::fs::File::open(fixtures().join("tokenizer").join(format!("{f}.gz"))).unwrap();
         let mut bytes = Vec::new();
-        flate2::read::GzDecoder::new(gz).read_to_end(&mut bytes).unwrap();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut bytes)
+            .unwrap();
         std::fs::write(d.join(f), bytes).unwrap();
     }
     for f in ["tokenizer_config.json", "special_tokens_map.json"] {
@@ -32,9 +37,19 @@ fn tokenizer_2(tmp: &Path) -> PathBuf {
 fn tokenize_prints_77_ids_per_prompt() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tokenizer_2(tmp.path());
-    let out =
-        troupe(&["debug", "tokenize", "--model", dir.to_str().unwrap(), "a photo of a cat", ""]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = troupe(&[
+        "debug",
+        "tokenize",
+        "--model",
+        dir.to_str().unwrap(),
+        "a photo of a cat",
+        "",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2);
@@ -50,7 +65,13 @@ fn tokenize_prints_77_ids_per_prompt() {
 fn tokenize_names_the_missing_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("nope");
-    let out = troupe(&["debug", "tokenize", "--model", missing.to_str().unwrap(), "x"]);
+    let out = troupe(&[
+        "debug",
+        "tokenize",
+        "--model",
+        missing.to_str().unwrap(),
+        "x",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }

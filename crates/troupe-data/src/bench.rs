@@ -8,7 +8,7 @@ use crate::error::{DataError, Location, Result};
 use crate::image_io::DecodeLimits;
 use crate::loader::{Loader, LoaderConfig};
 use crate::plan::{SizeRule, Target};
-use crate::recipe::{process, RecipeConfig, Scratch};
+use crate::recipe::{RecipeConfig, Scratch, process};
 use crate::rng::{KeyedRng, Purpose};
 use crate::schema::Sample;
 use crate::shard::ShardReader;
@@ -53,7 +53,12 @@ impl BenchSet {
 
     /// Samples per second of the recipe on `threads` threads: the best of `repeats` passes over
     /// all rows, each thread taking every `threads`-th row.
-    pub fn recipe_throughput(&self, cfg: &RecipeConfig, threads: usize, repeats: usize) -> Result<f64> {
+    pub fn recipe_throughput(
+        &self,
+        cfg: &RecipeConfig,
+        threads: usize,
+        repeats: usize,
+    ) -> Result<f64> {
         let threads = threads.max(1);
         let mut best = f64::INFINITY;
         for _ in 0..repeats.max(1) {
@@ -63,16 +68,28 @@ impl BenchSet {
                     .map(|t| {
                         s.spawn(move || -> Result<()> {
                             let mut scratch = Scratch::default();
-                            for (i, (at, sample, target)) in self.rows.iter().enumerate().skip(t).step_by(threads) {
+                            for (i, (at, sample, target)) in
+                                self.rows.iter().enumerate().skip(t).step_by(threads)
+                            {
                                 let mut rng = KeyedRng::new(0, Purpose::Sample, 0, i as u64);
-                                let out = process(sample, target, cfg, DecodeLimits::default(), &mut rng, at, &mut scratch)?;
+                                let out = process(
+                                    sample,
+                                    target,
+                                    cfg,
+                                    DecodeLimits::default(),
+                                    &mut rng,
+                                    at,
+                                    &mut scratch,
+                                )?;
                                 std::hint::black_box(out);
                             }
                             Ok(())
                         })
                     })
                     .collect();
-                handles.into_iter().try_for_each(|h| h.join().expect("bench thread panicked"))
+                handles
+                    .into_iter()
+                    .try_for_each(|h| h.join().expect("bench thread panicked"))
             })?;
             best = best.min(start.elapsed().as_secs_f64());
         }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{decode_gray, decode_rgb, DecodeLimits};
-use crate::schema::{self, col, Sample};
+use crate::image_io::{DecodeLimits, decode_gray, decode_rgb};
+use crate::schema::{self, Sample, col};
 use crate::shard::ShardReader;
 
 /// Every problem of one row, checking what needs decoding too: the image decodes at the stated
@@ -19,7 +19,13 @@ pub fn check_sample(sample: &Sample, at: &Location, limits: DecodeLimits) -> Vec
             if img.dimensions() != (sample.width, sample.height) {
                 errors.push(DataError::new(
                     at.field("width/height"),
-                    format!("the columns say {}x{} but the image decodes to {}x{}", sample.width, sample.height, img.width(), img.height()),
+                    format!(
+                        "the columns say {}x{} but the image decodes to {}x{}",
+                        sample.width,
+                        sample.height,
+                        img.width(),
+                        img.height()
+                    ),
                 ));
             }
             Some(img.dimensions())
@@ -43,14 +49,24 @@ pub fn check_sample(sample: &Sample, at: &Location, limits: DecodeLimits) -> Vec
         {
             errors.push(DataError::new(
                 field.clone(),
-                format!("mask is {}x{}, the image is {}x{}", mask.width(), mask.height(), size.0, size.1),
+                format!(
+                    "mask is {}x{}, the image is {}x{}",
+                    mask.width(),
+                    mask.height(),
+                    size.0,
+                    size.1
+                ),
             ));
         }
         match crate::ops::nonzero_bbox(&mask) {
             None => errors.push(DataError::new(field, "mask is empty (no non-zero pixel)")),
             Some(b) if [b.x0, b.y0, b.x1, b.y1] != ch.bbox => errors.push(DataError::new(
                 at.field(format!("{}[{i}].{}", col::CHARACTERS, col::BBOX)),
-                format!("bbox is {:?} but the mask's non-zero pixels span {:?}", ch.bbox, [b.x0, b.y0, b.x1, b.y1]),
+                format!(
+                    "bbox is {:?} but the mask's non-zero pixels span {:?}",
+                    ch.bbox,
+                    [b.x0, b.y0, b.x1, b.y1]
+                ),
             )),
             Some(_) => {}
         }
@@ -89,7 +105,12 @@ pub fn check_shards(paths: &[PathBuf], limits: DecodeLimits, threads: usize) -> 
     report
 }
 
-fn check_shard(path: &Path, limits: DecodeLimits, threads: usize, report: &mut CheckReport) -> Result<()> {
+fn check_shard(
+    path: &Path,
+    limits: DecodeLimits,
+    threads: usize,
+    report: &mut CheckReport,
+) -> Result<()> {
     let reader = ShardReader::open(path)?;
     for g in 0..reader.num_row_groups() {
         let rows = reader.read_row_group(g)?;
@@ -102,14 +123,19 @@ fn check_shard(path: &Path, limits: DecodeLimits, threads: usize, report: &mut C
                     s.spawn(move || {
                         part.iter()
                             .map(|(row, sample)| match sample {
-                                Ok(sample) => check_sample(sample, &Location::row(path, *row), limits),
+                                Ok(sample) => {
+                                    check_sample(sample, &Location::row(path, *row), limits)
+                                }
                                 Err(e) => vec![e.clone()],
                             })
                             .collect::<Vec<_>>()
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().expect("check thread panicked")).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("check thread panicked"))
+                .collect()
         });
         for errs in per_row {
             if !errs.is_empty() {
@@ -158,12 +184,17 @@ pub fn stats(paths: &[PathBuf]) -> Result<Stats> {
                 st.with_pose += s.pose.is_some() as u64;
                 st.widths.push(s.width);
                 st.heights.push(s.height);
-                st.caption_words.push(s.caption.split_whitespace().count() as u32);
+                st.caption_words
+                    .push(s.caption.split_whitespace().count() as u32);
                 let aspect = (s.width as f64 / s.height.max(1) as f64 * 4.0).round() / 4.0;
                 *st.aspects.entry(format!("{aspect:.2}")).or_default() += 1;
                 st.encoded_bytes += (s.image.bytes.len()
-                    + s.characters.iter().map(|c| c.mask.bytes.len()).sum::<usize>()
-                    + s.pose.as_ref().map_or(0, |p| p.bytes.len())) as u64;
+                    + s.characters
+                        .iter()
+                        .map(|c| c.mask.bytes.len())
+                        .sum::<usize>()
+                    + s.pose.as_ref().map_or(0, |p| p.bytes.len()))
+                    as u64;
             }
         }
     }
@@ -185,13 +216,26 @@ impl std::fmt::Display for Stats {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "shards: {}", self.files)?;
         writeln!(f, "rows: {}", self.rows)?;
-        writeln!(f, "encoded image/mask/pose bytes: {:.1} MiB", self.encoded_bytes as f64 / (1 << 20) as f64)?;
+        writeln!(
+            f,
+            "encoded image/mask/pose bytes: {:.1} MiB",
+            self.encoded_bytes as f64 / (1 << 20) as f64
+        )?;
         writeln!(f, "characters per image:")?;
         for (n, c) in &self.characters {
             let share = 100.0 * *c as f64 / self.rows.max(1) as f64;
-            writeln!(f, "  {n}: {c:>8} ({share:5.1} %) {}", "#".repeat((share / 2.0).round() as usize))?;
+            writeln!(
+                f,
+                "  {n}: {c:>8} ({share:5.1} %) {}",
+                "#".repeat((share / 2.0).round() as usize)
+            )?;
         }
-        writeln!(f, "with pose image: {} ({:.1} %)", self.with_pose, 100.0 * self.with_pose as f64 / self.rows.max(1) as f64)?;
+        writeln!(
+            f,
+            "with pose image: {} ({:.1} %)",
+            self.with_pose,
+            100.0 * self.with_pose as f64 / self.rows.max(1) as f64
+        )?;
         let row = |f: &mut std::fmt::Formatter<'_>, name: &str, v: &[u32]| {
             writeln!(
                 f,

@@ -18,34 +18,59 @@ pub struct Location {
 
 impl Default for Location {
     fn default() -> Self {
-        Self { file: PathBuf::new(), row: None, field: None, unit: "row" }
+        Self {
+            file: PathBuf::new(),
+            row: None,
+            field: None,
+            unit: "row",
+        }
     }
 }
 
 impl Location {
     /// A file-level location.
     pub fn file(file: impl AsRef<Path>) -> Self {
-        Self { file: file.as_ref().to_path_buf(), ..Self::default() }
+        Self {
+            file: file.as_ref().to_path_buf(),
+            ..Self::default()
+        }
     }
 
     /// A row of a shard (zero-based).
     pub fn row(file: impl AsRef<Path>, row: u64) -> Self {
-        Self { file: file.as_ref().to_path_buf(), row: Some(row), ..Self::default() }
+        Self {
+            file: file.as_ref().to_path_buf(),
+            row: Some(row),
+            ..Self::default()
+        }
     }
 
     /// A line of a text file such as a JSONL manifest (one-based).
     pub fn line(file: impl AsRef<Path>, line: u64) -> Self {
-        Self { file: file.as_ref().to_path_buf(), row: Some(line), field: None, unit: "line" }
+        Self {
+            file: file.as_ref().to_path_buf(),
+            row: Some(line),
+            field: None,
+            unit: "line",
+        }
     }
 
     /// An entry of an index (e.g. `"2"[5]` of a StoryMaker JSON index, given as its position).
     pub fn entry(file: impl AsRef<Path>, entry: u64) -> Self {
-        Self { file: file.as_ref().to_path_buf(), row: Some(entry), field: None, unit: "entry" }
+        Self {
+            file: file.as_ref().to_path_buf(),
+            row: Some(entry),
+            field: None,
+            unit: "entry",
+        }
     }
 
     /// The same location narrowed to a field.
     pub fn field(&self, field: impl Into<String>) -> Self {
-        Self { field: Some(field.into()), ..self.clone() }
+        Self {
+            field: Some(field.into()),
+            ..self.clone()
+        }
     }
 }
 
@@ -74,7 +99,10 @@ pub struct DataError {
 impl DataError {
     /// An error at `at`.
     pub fn new(at: Location, message: impl Into<String>) -> Self {
-        Self { at, message: message.into() }
+        Self {
+            at,
+            message: message.into(),
+        }
     }
 
     /// An I/O error on a file.

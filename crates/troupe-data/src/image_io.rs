@@ -19,7 +19,10 @@ pub struct DecodeLimits {
 impl Default for DecodeLimits {
     /// 64 megapixels, 16384 px a side: far above training sizes, far below what exhausts memory.
     fn default() -> Self {
-        Self { max_pixels: 64 << 20, max_side: 16384 }
+        Self {
+            max_pixels: 64 << 20,
+            max_side: 16384,
+        }
     }
 }
 
@@ -33,13 +36,19 @@ fn reader<'a>(bytes: &'a [u8], at: &Location) -> Result<ImageReader<Cursor<&'a [
 pub fn probe(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<(u32, u32)> {
     let r = reader(bytes, at)?;
     if r.format().is_none() {
-        return Err(DataError::new(at.clone(), "not a recognised image (expected PNG, JPEG or WebP bytes)"));
+        return Err(DataError::new(
+            at.clone(),
+            "not a recognised image (expected PNG, JPEG or WebP bytes)",
+        ));
     }
     let (w, h) = r
         .into_dimensions()
         .map_err(|e| DataError::new(at.clone(), format!("cannot read image header: {e}")))?;
     if w == 0 || h == 0 {
-        return Err(DataError::new(at.clone(), format!("image has zero size {w}x{h}")));
+        return Err(DataError::new(
+            at.clone(),
+            format!("image has zero size {w}x{h}"),
+        ));
     }
     if w > limits.max_side || h > limits.max_side || w as u64 * h as u64 > limits.max_pixels {
         return Err(DataError::new(
@@ -62,7 +71,12 @@ fn decode(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<DynamicIm
     // Room for the decoded image plus the decoder's own buffers.
     l.max_alloc = Some(w as u64 * h as u64 * 16 + (64 << 20));
     r.limits(l);
-    r.decode().map_err(|e| DataError::new(at.clone(), format!("cannot decode image (corrupt or truncated?): {e}")))
+    r.decode().map_err(|e| {
+        DataError::new(
+            at.clone(),
+            format!("cannot decode image (corrupt or truncated?): {e}"),
+        )
+    })
 }
 
 /// Decodes to 8-bit RGB (alpha dropped, gray expanded).
@@ -87,7 +101,12 @@ pub fn encode_png_gray(img: &GrayImage) -> Vec<u8> {
     use image::ImageEncoder;
     let mut out = Vec::new();
     image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::L8)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            image::ExtendedColorType::L8,
+        )
         .expect("PNG encoding to memory cannot fail");
     out
 }
@@ -95,6 +114,7 @@ pub fn encode_png_gray(img: &GrayImage) -> Vec<u8> {
 /// Encodes an RGB image as PNG.
 pub fn encode_png_rgb(img: &RgbImage) -> Vec<u8> {
     let mut out = Vec::new();
-    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).expect("PNG encoding to memory cannot fail");
+    img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .expect("PNG encoding to memory cannot fail");
     out
 }

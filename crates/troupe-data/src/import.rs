@@ -9,14 +9,14 @@
 
 use std::path::{Path, PathBuf};
 
-use image::{imageops::FilterType, RgbImage};
+use image::{RgbImage, imageops::FilterType};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{decode_rgb, probe, DecodeLimits};
+use crate::image_io::{DecodeLimits, decode_rgb, probe};
 use crate::ops::color_masks;
-use crate::pack::{build_sample, write_shards, CharacterInput, OnBadLine, PackReport};
+use crate::pack::{CharacterInput, OnBadLine, PackReport, build_sample, write_shards};
 use crate::recipe::soft_mask;
-use crate::schema::{EncodedImage, Sample, EMBEDDING_DIM, MAX_CHARACTERS};
+use crate::schema::{EMBEDDING_DIM, EncodedImage, MAX_CHARACTERS, Sample};
 use crate::shard::ShardWriterOptions;
 
 /// Mask colour of character slot i, in RGB (the reference lists them in BGR: red, green, blue).
@@ -50,19 +50,28 @@ fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
     let root: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| DataError::new(Location::file(index), format!("not valid JSON: {e}")))?;
     let map = root.as_object().ok_or_else(|| {
-        DataError::new(Location::file(index), "expected an object keyed by person count, like {\"1\": [...], \"2\": [...]}")
+        DataError::new(
+            Location::file(index),
+            "expected an object keyed by person count, like {\"1\": [...], \"2\": [...]}",
+        )
     })?;
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
     let mut out = Vec::new();
     for key in keys {
         let list = map[key].as_array().ok_or_else(|| {
-            DataError::new(Location::file(index).field(format!("\"{key}\"")), "expected a list of entries")
+            DataError::new(
+                Location::file(index).field(format!("\"{key}\"")),
+                "expected a list of entries",
+            )
         })?;
         for (j, entry) in list.iter().enumerate() {
             let at = Location::entry(index, out.len() as u64).field(format!("\"{key}\"[{j}]"));
             let entry = entry.as_array().cloned().ok_or_else(|| {
-                DataError::new(at.clone(), "expected [image, pose, mask, caption, num_persons, faceid_dir]")
+                DataError::new(
+                    at.clone(),
+                    "expected [image, pose, mask, caption, num_persons, faceid_dir]",
+                )
             })?;
             out.push((at, entry));
         }
@@ -70,7 +79,12 @@ fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
     Ok(out)
 }
 
-fn import_entry(entry: &Entry, base: &Path, at: &Location, limits: DecodeLimits) -> std::result::Result<Sample, Vec<DataError>> {
+fn import_entry(
+    entry: &Entry,
+    base: &Path,
+    at: &Location,
+    limits: DecodeLimits,
+) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
     let field_at = |name: &str| {
         let prefix = at.field.clone().unwrap_or_default();
@@ -79,14 +93,20 @@ fn import_entry(entry: &Entry, base: &Path, at: &Location, limits: DecodeLimits)
     if entry.len() != 6 {
         return Err(one(DataError::new(
             at.clone(),
-            format!("expected 6 values [image, pose, mask, caption, num_persons, faceid_dir], found {}", entry.len()),
+            format!(
+                "expected 6 values [image, pose, mask, caption, num_persons, faceid_dir], found {}",
+                entry.len()
+            ),
         )));
     }
     let text = |i: usize, name: &str| -> Result<Option<String>> {
         match &entry[i] {
             serde_json::Value::String(s) if !s.is_empty() => Ok(Some(s.clone())),
             serde_json::Value::String(_) | serde_json::Value::Null => Ok(None),
-            other => Err(DataError::new(field_at(name), format!("expected a string, found {other}"))),
+            other => Err(DataError::new(
+                field_at(name),
+                format!("expected a string, found {other}"),
+            )),
         }
     };
     let required = |i: usize, name: &str| -> Result<String> {
@@ -94,28 +114,57 @@ fn import_entry(entry: &Entry, base: &Path, at: &Location, limits: DecodeLimits)
     };
     let read = |rel: &str, name: &str| -> Result<Vec<u8>> {
         let path = base.join(rel);
-        std::fs::read(&path).map_err(|e| DataError::new(field_at(name), format!("cannot read {}: {e}", path.display())))
+        std::fs::read(&path).map_err(|e| {
+            DataError::new(
+                field_at(name),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
     };
     let image_rel = required(0, "image").map_err(one)?;
     let image_bytes = read(&image_rel, "image").map_err(one)?;
     let (w, h) = probe(&image_bytes, &field_at("image"), limits).map_err(one)?;
     let pose = match text(1, "pose").map_err(one)? {
         None => None,
-        Some(rel) => Some(EncodedImage { bytes: read(&rel, "pose").map_err(one)?, path: Some(rel) }),
+        Some(rel) => Some(EncodedImage {
+            bytes: read(&rel, "pose").map_err(one)?,
+            path: Some(rel),
+        }),
     };
     let mask_rel = required(2, "mask").map_err(one)?;
-    let mask_rgb = decode_rgb(&read(&mask_rel, "mask").map_err(one)?, &field_at("mask"), limits).map_err(one)?;
+    let mask_rgb = decode_rgb(
+        &read(&mask_rel, "mask").map_err(one)?,
+        &field_at("mask"),
+        limits,
+    )
+    .map_err(one)?;
     // Nearest keeps the colour codes exact (any interpolation would invent in-between colours).
-    let mask_rgb: RgbImage =
-        if mask_rgb.dimensions() == (w, h) { mask_rgb } else { image::imageops::resize(&mask_rgb, w, h, FilterType::Nearest) };
+    let mask_rgb: RgbImage = if mask_rgb.dimensions() == (w, h) {
+        mask_rgb
+    } else {
+        image::imageops::resize(&mask_rgb, w, h, FilterType::Nearest)
+    };
     let caption = text(3, "caption").map_err(one)?.unwrap_or_default();
-    let n = entry[4].as_u64().filter(|n| (1..=MAX_CHARACTERS as u64).contains(n)).ok_or_else(|| {
-        one(DataError::new(field_at("num_persons"), format!("expected an integer from 1 to {MAX_CHARACTERS}, found {}", entry[4])))
-    })? as usize;
+    let n = entry[4]
+        .as_u64()
+        .filter(|n| (1..=MAX_CHARACTERS as u64).contains(n))
+        .ok_or_else(|| {
+            one(DataError::new(
+                field_at("num_persons"),
+                format!(
+                    "expected an integer from 1 to {MAX_CHARACTERS}, found {}",
+                    entry[4]
+                ),
+            ))
+        })? as usize;
     let faceid_dir = base.join(required(5, "faceid_dir").map_err(one)?);
 
     let mut characters = Vec::with_capacity(n);
-    for (i, ((mask, _), colour)) in color_masks(&mask_rgb, &SLOT_COLOURS[..n]).into_iter().zip(SLOT_COLOURS).enumerate() {
+    for (i, ((mask, _), colour)) in color_masks(&mask_rgb, &SLOT_COLOURS[..n])
+        .into_iter()
+        .zip(SLOT_COLOURS)
+        .enumerate()
+    {
         let Some(crop) = soft_mask(&mask, CROP_DILATION) else {
             return Err(one(DataError::new(
                 field_at("mask"),
@@ -124,24 +173,53 @@ fn import_entry(entry: &Entry, base: &Path, at: &Location, limits: DecodeLimits)
         };
         let (embedding, kps) = read_faceid(&faceid_dir.join(format!("{i}.bin"))).map_err(one)?;
         let [x0, y0, _, _] = crop.bbox;
-        let keypoints = kps.chunks_exact(2).flat_map(|p| [p[0] + x0 as f32, p[1] + y0 as f32]).collect();
-        characters.push(CharacterInput { embedding, keypoints, mask });
+        let keypoints = kps
+            .chunks_exact(2)
+            .flat_map(|p| [p[0] + x0 as f32, p[1] + y0 as f32])
+            .collect();
+        characters.push(CharacterInput {
+            embedding,
+            keypoints,
+            mask,
+        });
     }
-    let id = Path::new(&image_rel).file_stem().map_or(image_rel.clone(), |s| s.to_string_lossy().into_owned());
-    build_sample(id, EncodedImage { bytes: image_bytes, path: Some(image_rel) }, caption, characters, pose, at, limits)
+    let id = Path::new(&image_rel)
+        .file_stem()
+        .map_or(image_rel.clone(), |s| s.to_string_lossy().into_owned());
+    build_sample(
+        id,
+        EncodedImage {
+            bytes: image_bytes,
+            path: Some(image_rel),
+        },
+        caption,
+        characters,
+        pose,
+        at,
+        limits,
+    )
 }
 
 /// Reads one `faceid_dir/{i}.bin`: the identity embedding (512) and keypoints (10, crop-relative).
 pub fn read_faceid(path: &PathBuf) -> Result<(Vec<f32>, Vec<f32>)> {
     let at = Location::file(path);
-    let value = troupe_pt::read_file(path).map_err(|e| DataError::new(at.clone(), e.to_string()))?;
+    let value =
+        troupe_pt::read_file(path).map_err(|e| DataError::new(at.clone(), e.to_string()))?;
     let tensor = |key: &str, len: usize| -> Result<Vec<f32>> {
         let t = value.get_tensor(key).ok_or_else(|| {
-            DataError::new(at.field(key), format!("no tensor `{key}` (found a {} )", value.type_name()))
+            DataError::new(
+                at.field(key),
+                format!("no tensor `{key}` (found a {} )", value.type_name()),
+            )
         })?;
-        let v = t.to_f32_vec().map_err(|e| DataError::new(at.field(key), e.to_string()))?;
+        let v = t
+            .to_f32_vec()
+            .map_err(|e| DataError::new(at.field(key), e.to_string()))?;
         if v.len() != len {
-            return Err(DataError::new(at.field(key), format!("expected {len} values, found shape {:?}", t.shape)));
+            return Err(DataError::new(
+                at.field(key),
+                format!("expected {len} values, found shape {:?}", t.shape),
+            ));
         }
         Ok(v)
     };

@@ -14,10 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Location, Result};
 use crate::image_io::DecodeLimits;
-use crate::plan::{plan_epoch, DatasetIndex, EpochPlan, PlanOptions, RowRef, SizeRule};
+use crate::plan::{DatasetIndex, EpochPlan, PlanOptions, RowRef, SizeRule, plan_epoch};
 use crate::recipe::{self, ProcessedSample, RecipeConfig, Scratch};
 use crate::rng::{KeyedRng, Purpose};
-use crate::schema::{Sample, EMBEDDING_DIM};
+use crate::schema::{EMBEDDING_DIM, Sample};
 use crate::shard::ShardReader;
 
 /// What to do with a row that cannot be used (corrupt image, bad embedding, ...).
@@ -167,26 +167,51 @@ impl Loader {
     fn build(shards: &[PathBuf], config: LoaderConfig, state: Option<LoaderState>) -> Result<Self> {
         let at = Location::file(shards.first().cloned().unwrap_or_default());
         if config.batch_size == 0 || config.workers == 0 || config.prefetch_batches == 0 {
-            return Err(DataError::new(at, "batch_size, workers and prefetch_batches must all be at least 1"));
+            return Err(DataError::new(
+                at,
+                "batch_size, workers and prefetch_batches must all be at least 1",
+            ));
         }
         let index = Arc::new(DatasetIndex::open(shards)?);
         let dataset = index.fingerprint();
         let state = match state {
-            None => LoaderState { seed: config.seed, dataset, epoch: 0, batch: 0, samples: 0, skipped: 0 },
+            None => LoaderState {
+                seed: config.seed,
+                dataset,
+                epoch: 0,
+                batch: 0,
+                samples: 0,
+                skipped: 0,
+            },
             Some(s) => {
                 if s.dataset != dataset {
                     return Err(DataError::new(
                         at,
-                        format!("the saved loader position is for dataset {}, but these shards are {dataset}; resume needs the same shards", s.dataset),
+                        format!(
+                            "the saved loader position is for dataset {}, but these shards are {dataset}; resume needs the same shards",
+                            s.dataset
+                        ),
                     ));
                 }
                 if s.seed != config.seed {
-                    return Err(DataError::new(at, format!("the saved loader position used seed {}, not {}", s.seed, config.seed)));
+                    return Err(DataError::new(
+                        at,
+                        format!(
+                            "the saved loader position used seed {}, not {}",
+                            s.seed, config.seed
+                        ),
+                    ));
                 }
                 s
             }
         };
-        Ok(Self { index, config, state, pipeline: None, skipped: Vec::new() })
+        Ok(Self {
+            index,
+            config,
+            state,
+            pipeline: None,
+            skipped: Vec::new(),
+        })
     }
 
     /// The position after the last batch returned.
@@ -257,7 +282,8 @@ impl Loader {
             for r in too_small {
                 let (w, h) = self.index.size(r);
                 let e = DataError::new(
-                    Location::row(self.index.shard_path(r.shard), r.row as u64).field("width/height"),
+                    Location::row(self.index.shard_path(r.shard), r.row as u64)
+                        .field("width/height"),
                     format!("image {w}x{h} is too small for the size rule"),
                 );
                 match self.config.on_bad_row {
@@ -270,9 +296,17 @@ impl Loader {
             }
         }
         if plan.batches.is_empty() {
-            return Err(DataError::new(Location::file(self.index.shard_path(0)), "no usable rows: every row was rejected"));
+            return Err(DataError::new(
+                Location::file(self.index.shard_path(0)),
+                "no usable rows: every row was rejected",
+            ));
         }
-        self.pipeline = Some(Pipeline::start(self.index.clone(), Arc::new(plan), self.state.batch, &self.config));
+        self.pipeline = Some(Pipeline::start(
+            self.index.clone(),
+            Arc::new(plan),
+            self.state.batch,
+            &self.config,
+        ));
         Ok(())
     }
 }
@@ -304,8 +338,14 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn start(index: Arc<DatasetIndex>, plan: Arc<EpochPlan>, from: u64, config: &LoaderConfig) -> Self {
-        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(config.batch_size * config.prefetch_batches);
+    fn start(
+        index: Arc<DatasetIndex>,
+        plan: Arc<EpochPlan>,
+        from: u64,
+        config: &LoaderConfig,
+    ) -> Self {
+        let (job_tx, job_rx) =
+            mpsc::sync_channel::<Job>(config.batch_size * config.prefetch_batches);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = mpsc::channel::<Done>();
         let taken = Arc::new((Mutex::new(from), Condvar::new()));
@@ -314,7 +354,9 @@ impl Pipeline {
         for _ in 0..config.workers {
             let (jobs, done, cfg) = (job_rx.clone(), done_tx.clone(), config.clone());
             let (index, epoch) = (index.clone(), plan.epoch);
-            threads.push(std::thread::spawn(move || worker(jobs, done, &index, epoch, &cfg)));
+            threads.push(std::thread::spawn(move || {
+                worker(jobs, done, &index, epoch, &cfg)
+            }));
         }
         drop(done_tx);
         let reader = Reader {
@@ -327,19 +369,33 @@ impl Pipeline {
             stop: stop.clone(),
         };
         threads.push(std::thread::spawn(move || reader.run()));
-        Self { plan, next: from, results: done_rx, ready: HashMap::new(), taken, stop, threads }
+        Self {
+            plan,
+            next: from,
+            results: done_rx,
+            ready: HashMap::new(),
+            taken,
+            stop,
+            threads,
+        }
     }
 
     /// Waits for every slot of batch `b`, then releases one batch of prefetch credit.
     fn take(&mut self, b: u64) -> Result<Vec<Result<ProcessedSample>>> {
         let n = self.plan.batches[b as usize].rows.len();
         loop {
-            let slots = self.ready.entry(b).or_insert_with(|| (0..n).map(|_| None).collect());
+            let slots = self
+                .ready
+                .entry(b)
+                .or_insert_with(|| (0..n).map(|_| None).collect());
             if slots.iter().all(Option::is_some) {
                 break;
             }
             let done = self.results.recv().map_err(|_| {
-                DataError::new(Location::default(), "loader threads stopped unexpectedly (a worker panicked?)")
+                DataError::new(
+                    Location::default(),
+                    "loader threads stopped unexpectedly (a worker panicked?)",
+                )
             })?;
             let slots = self.ready.entry(done.batch).or_insert_with(|| {
                 let n = self.plan.batches[done.batch as usize].rows.len();
@@ -347,7 +403,13 @@ impl Pipeline {
             });
             slots[done.slot] = Some(done.result);
         }
-        let out = self.ready.remove(&b).unwrap().into_iter().map(Option::unwrap).collect();
+        let out = self
+            .ready
+            .remove(&b)
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
         self.next = b + 1;
         let (lock, cv) = &*self.taken;
         *lock.lock().unwrap() = self.next;
@@ -368,7 +430,13 @@ impl Drop for Pipeline {
     }
 }
 
-fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, index: &DatasetIndex, epoch: u64, cfg: &LoaderConfig) {
+fn worker(
+    jobs: Arc<Mutex<Receiver<Job>>>,
+    done: Sender<Done>,
+    index: &DatasetIndex,
+    epoch: u64,
+    cfg: &LoaderConfig,
+) {
     let mut scratch = Scratch::default();
     loop {
         let job = match jobs.lock().unwrap().recv() {
@@ -377,12 +445,30 @@ fn worker(jobs: Arc<Mutex<Receiver<Job>>>, done: Sender<Done>, index: &DatasetIn
         };
         let result = job.sample.and_then(|sample| {
             let (w, h) = index.size(job.row);
-            let target = cfg.size_rule.target(w, h).expect("the plan only holds rows with a target");
+            let target = cfg
+                .size_rule
+                .target(w, h)
+                .expect("the plan only holds rows with a target");
             let at = Location::row(index.shard_path(job.row.shard), job.row.row as u64);
             let mut rng = KeyedRng::new(cfg.seed, Purpose::Sample, epoch, job.stream_pos);
-            recipe::process(&sample, &target, &cfg.recipe, cfg.limits, &mut rng, &at, &mut scratch)
+            recipe::process(
+                &sample,
+                &target,
+                &cfg.recipe,
+                cfg.limits,
+                &mut rng,
+                &at,
+                &mut scratch,
+            )
         });
-        if done.send(Done { batch: job.batch, slot: job.slot, result }).is_err() {
+        if done
+            .send(Done {
+                batch: job.batch,
+                slot: job.slot,
+                result,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -409,8 +495,13 @@ impl Reader {
                 needed.insert(*r, b as u64);
             }
         }
-        let read_pos: HashMap<(u32, usize), usize> =
-            self.plan.read_order.iter().enumerate().map(|(i, &g)| (g, i)).collect();
+        let read_pos: HashMap<(u32, usize), usize> = self
+            .plan
+            .read_order
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| (g, i))
+            .collect();
         let group_of = |r: RowRef| -> (u32, usize) {
             let groups = &self.index.shards[r.shard as usize].row_groups;
             let g = groups.partition_point(|&(start, _)| start <= r.row as u64) - 1;
@@ -433,7 +524,11 @@ impl Reader {
                     continue;
                 }
                 let pos = read_pos[&group_of(*r)];
-                let groups: Vec<usize> = if pos >= cursor { (cursor..=pos).collect() } else { vec![pos] };
+                let groups: Vec<usize> = if pos >= cursor {
+                    (cursor..=pos).collect()
+                } else {
+                    vec![pos]
+                };
                 for p in groups {
                     let (shard, g) = self.plan.read_order[p];
                     self.load_group(&mut readers, shard, g, b, &needed, &mut loaded);
@@ -454,7 +549,13 @@ impl Reader {
             for (slot, (r, stream_pos)) in batch.rows.iter().enumerate() {
                 let sample = loaded.remove(r).expect("loaded above");
                 needed.remove(r);
-                let job = Job { batch: b, slot, row: *r, stream_pos: *stream_pos, sample };
+                let job = Job {
+                    batch: b,
+                    slot,
+                    row: *r,
+                    stream_pos: *stream_pos,
+                    sample,
+                };
                 if self.jobs.send(job).is_err() {
                     return;
                 }
@@ -473,8 +574,12 @@ impl Reader {
         loaded: &mut HashMap<RowRef, Result<Arc<Sample>>>,
     ) {
         let keep = |row: u64, loaded: &HashMap<RowRef, Result<Arc<Sample>>>| {
-            let r = RowRef { shard, row: row as u32 };
-            (needed.get(&r).is_some_and(|&b| b >= from_batch) && !loaded.contains_key(&r)).then_some(r)
+            let r = RowRef {
+                shard,
+                row: row as u32,
+            };
+            (needed.get(&r).is_some_and(|&b| b >= from_batch) && !loaded.contains_key(&r))
+                .then_some(r)
         };
         let path = self.index.shard_path(shard);
         if readers.len() >= 8 && !readers.contains_key(&shard) {
@@ -482,7 +587,9 @@ impl Reader {
         }
         let rows = match readers.entry(shard) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut().read_row_group(g),
-            std::collections::hash_map::Entry::Vacant(e) => ShardReader::open(path).and_then(|r| e.insert(r).read_row_group(g)),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                ShardReader::open(path).and_then(|r| e.insert(r).read_row_group(g))
+            }
         };
         match rows {
             Ok(rows) => {
@@ -510,9 +617,16 @@ impl Reader {
 fn assemble(epoch: u64, index: u64, samples: Vec<ProcessedSample>, cfg: &RecipeConfig) -> Batch {
     let b = samples.len();
     let (h, w) = (samples[0].height as usize, samples[0].width as usize);
-    let c = samples.iter().map(|s| s.characters.len()).max().unwrap_or(0);
+    let c = samples
+        .iter()
+        .map(|s| s.characters.len())
+        .max()
+        .unwrap_or(0);
     let s2 = 3 * (cfg.crop_size as usize).pow(2);
-    let (mh, mw) = (h / cfg.latent_downsample as usize, w / cfg.latent_downsample as usize);
+    let (mh, mw) = (
+        h / cfg.latent_downsample as usize,
+        w / cfg.latent_downsample as usize,
+    );
     let any_pose = samples.iter().any(|s| s.pose.is_some());
     let mut batch = Batch {
         epoch,
@@ -540,7 +654,8 @@ fn assemble(epoch: u64, index: u64, samples: Vec<ProcessedSample>, cfg: &RecipeC
         for (j, ch) in s.characters.iter().enumerate() {
             let k = i * c + j;
             batch.character_mask[k] = 1.0;
-            batch.id_embeds[k * EMBEDDING_DIM..(k + 1) * EMBEDDING_DIM].copy_from_slice(&ch.embedding);
+            batch.id_embeds[k * EMBEDDING_DIM..(k + 1) * EMBEDDING_DIM]
+                .copy_from_slice(&ch.embedding);
             if let Some(p) = &ch.clip_body {
                 batch.char_pixels[k * s2..(k + 1) * s2].copy_from_slice(p);
             }
@@ -552,7 +667,9 @@ fn assemble(epoch: u64, index: u64, samples: Vec<ProcessedSample>, cfg: &RecipeC
         if let (Some(dst), Some(src)) = (batch.pose.as_mut(), &s.pose) {
             dst[i * 3 * h * w..(i + 1) * 3 * h * w].copy_from_slice(src);
         }
-        batch.has_pose.push(if s.pose.is_some() { 1.0 } else { 0.0 });
+        batch
+            .has_pose
+            .push(if s.pose.is_some() { 1.0 } else { 0.0 });
         batch.num_characters.push(s.characters.len());
         batch.ids.push(s.id);
         batch.captions.push(s.caption);

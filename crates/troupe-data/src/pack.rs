@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::check::check_sample;
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{decode_gray, encode_png_gray, probe, DecodeLimits};
+use crate::image_io::{DecodeLimits, decode_gray, encode_png_gray, probe};
 use crate::schema::{Character, EncodedImage, Sample};
 use crate::shard::{ShardInfo, ShardWriter, ShardWriterOptions};
 
@@ -52,18 +52,34 @@ pub fn build_sample(
             if c.mask.iter().all(|&v| v <= 1) {
                 c.mask.iter_mut().for_each(|v| *v *= 255);
             }
-            let bbox = crate::ops::nonzero_bbox(&c.mask).map_or([0; 4], |b| [b.x0, b.y0, b.x1, b.y1]);
+            let bbox =
+                crate::ops::nonzero_bbox(&c.mask).map_or([0; 4], |b| [b.x0, b.y0, b.x1, b.y1]);
             Character {
                 embedding: c.embedding,
                 keypoints: c.keypoints,
-                mask: EncodedImage { bytes: encode_png_gray(&c.mask), path: None },
+                mask: EncodedImage {
+                    bytes: encode_png_gray(&c.mask),
+                    path: None,
+                },
                 bbox,
             }
         })
         .collect();
-    let sample = Sample { id, image, width, height, caption, characters, pose };
+    let sample = Sample {
+        id,
+        image,
+        width,
+        height,
+        caption,
+        characters,
+        pose,
+    };
     let errors = check_sample(&sample, at, limits);
-    if errors.is_empty() { Ok(sample) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(sample)
+    } else {
+        Err(errors)
+    }
 }
 
 #[derive(Deserialize)]
@@ -153,7 +169,11 @@ pub fn write_shards(
         }
     }
     let shards = writer.finish().map_err(|e| vec![e])?;
-    Ok(PackReport { shards, skipped, rows })
+    Ok(PackReport {
+        shards,
+        skipped,
+        rows,
+    })
 }
 
 /// Packs a JSONL manifest into shards in `out`.
@@ -167,35 +187,61 @@ pub fn pack_manifest(
     let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
     let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut lines = BufReader::new(file).lines().enumerate();
-    write_shards(out, options, on_bad, || loop {
-        let (i, line) = lines.next()?;
-        let at = Location::line(manifest, i as u64 + 1);
-        let line = match line {
-            Ok(l) => l,
-            Err(e) => return Some(Err(vec![DataError::new(at, format!("cannot read line: {e}"))])),
-        };
-        if line.trim().is_empty() {
-            continue;
+    write_shards(out, options, on_bad, || {
+        loop {
+            let (i, line) = lines.next()?;
+            let at = Location::line(manifest, i as u64 + 1);
+            let line = match line {
+                Ok(l) => l,
+                Err(e) => {
+                    return Some(Err(vec![DataError::new(
+                        at,
+                        format!("cannot read line: {e}"),
+                    )]));
+                }
+            };
+            if line.trim().is_empty() {
+                continue;
+            }
+            return Some(sample_from_line(&line, &base, &at, limits));
         }
-        return Some(sample_from_line(&line, &base, &at, limits));
     })
 }
 
-fn sample_from_line(line: &str, base: &Path, at: &Location, limits: DecodeLimits) -> std::result::Result<Sample, Vec<DataError>> {
+fn sample_from_line(
+    line: &str,
+    base: &Path,
+    at: &Location,
+    limits: DecodeLimits,
+) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
-    let entry: ManifestLine =
-        serde_json::from_str(line).map_err(|e| one(DataError::new(at.clone(), format!("not a valid manifest line: {e}"))))?;
+    let entry: ManifestLine = serde_json::from_str(line).map_err(|e| {
+        one(DataError::new(
+            at.clone(),
+            format!("not a valid manifest line: {e}"),
+        ))
+    })?;
     let read = |rel: &str, field: &str| -> Result<(PathBuf, Vec<u8>)> {
         let path = base.join(rel);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| DataError::new(at.field(field), format!("cannot read {}: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(|e| {
+            DataError::new(
+                at.field(field),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
         Ok((path, bytes))
     };
     let (_, image_bytes) = read(&entry.image, "image").map_err(one)?;
-    let image = EncodedImage { bytes: image_bytes, path: Some(entry.image.clone()) };
+    let image = EncodedImage {
+        bytes: image_bytes,
+        path: Some(entry.image.clone()),
+    };
     let pose = match &entry.pose {
         None => None,
-        Some(p) => Some(EncodedImage { bytes: read(p, "pose").map_err(one)?.1, path: Some(p.clone()) }),
+        Some(p) => Some(EncodedImage {
+            bytes: read(p, "pose").map_err(one)?.1,
+            path: Some(p.clone()),
+        }),
     };
     let mut characters = Vec::new();
     for (i, c) in entry.characters.iter().enumerate() {
@@ -204,7 +250,12 @@ fn sample_from_line(line: &str, base: &Path, at: &Location, limits: DecodeLimits
             NumbersOrFile::Inline(v) => v.clone(),
             NumbersOrFile::File(rel) => {
                 let (path, bytes) = read(rel, &field("embedding")).map_err(one)?;
-                read_npy_f32(&bytes).map_err(|m| one(DataError::new(at.field(field("embedding")), format!("{}: {m}", path.display()))))?
+                read_npy_f32(&bytes).map_err(|m| {
+                    one(DataError::new(
+                        at.field(field("embedding")),
+                        format!("{}: {m}", path.display()),
+                    ))
+                })?
             }
         };
         let keypoints = match &c.keypoints {
@@ -213,7 +264,11 @@ fn sample_from_line(line: &str, base: &Path, at: &Location, limits: DecodeLimits
         };
         let (_, mask_bytes) = read(&c.mask, &field("mask")).map_err(one)?;
         let mask = decode_gray(&mask_bytes, &at.field(field("mask")), limits).map_err(one)?;
-        characters.push(CharacterInput { embedding, keypoints, mask });
+        characters.push(CharacterInput {
+            embedding,
+            keypoints,
+            mask,
+        });
     }
     let id = entry.id.clone().unwrap_or_else(|| entry.image.clone());
     build_sample(id, image, entry.caption, characters, pose, at, limits)
@@ -227,19 +282,38 @@ pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = bytes.get(start..start + header_len).ok_or("truncated .npy header")?;
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or("truncated .npy header")?;
     let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
     if header.contains("'fortran_order': True") {
-        return Err("Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into());
+        return Err(
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray".into(),
+        );
     }
-    let descr = header.split("'descr':").nth(1).and_then(|s| s.split('\'').nth(1)).ok_or("no dtype in the .npy header")?;
+    let descr = header
+        .split("'descr':")
+        .nth(1)
+        .and_then(|s| s.split('\'').nth(1))
+        .ok_or("no dtype in the .npy header")?;
     let data = &bytes[start + header_len..];
     match descr {
-        "<f4" => Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-        "<f8" => Ok(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()),
-        other => Err(format!("dtype `{other}` is not supported; use float32 or float64")),
+        "<f4" => Ok(data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()),
+        "<f8" => Ok(data
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect()),
+        other => Err(format!(
+            "dtype `{other}` is not supported; use float32 or float64"
+        )),
     }
 }

@@ -50,9 +50,15 @@ impl DatasetIndex {
         let mut shards = Vec::with_capacity(paths.len());
         for path in paths {
             let reader = ShardReader::open(path)?;
-            let row_groups = (0..reader.num_row_groups()).map(|g| reader.row_group_span(g)).collect();
+            let row_groups = (0..reader.num_row_groups())
+                .map(|g| reader.row_group_span(g))
+                .collect();
             let sizes = reader.read_sizes()?;
-            shards.push(ShardEntry { path: path.clone(), row_groups, sizes });
+            shards.push(ShardEntry {
+                path: path.clone(),
+                row_groups,
+                sizes,
+            });
         }
         if shards.iter().all(|s| s.sizes.is_empty()) {
             let at = paths.first().map(Location::file).unwrap_or_default();
@@ -82,7 +88,11 @@ impl DatasetIndex {
             }
         };
         for s in &self.shards {
-            let name = s.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = s
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             eat(name.as_bytes());
             for (a, b) in &s.row_groups {
                 eat(&a.to_le_bytes());
@@ -107,7 +117,11 @@ impl DatasetIndex {
 pub enum SizeRule {
     /// StoryMaker's rule: scale = min(max_long / long side, max_short / short side), round, then
     /// floor each side to a multiple of `multiple`; the whole image is resized (no crop).
-    Reference { max_long: u32, max_short: u32, multiple: u32 },
+    Reference {
+        max_long: u32,
+        max_short: u32,
+        multiple: u32,
+    },
     /// Aspect buckets: each image goes to the bucket with the closest aspect ratio, is
     /// centre-cropped to that aspect and resized to the bucket size.
     Buckets(Vec<(u32, u32)>),
@@ -116,7 +130,11 @@ pub enum SizeRule {
 impl SizeRule {
     /// The reference rule with StoryMaker's constants (long ≤ 1286, short ≤ 960, multiples of 64).
     pub fn reference() -> Self {
-        SizeRule::Reference { max_long: 1286, max_short: 960, multiple: 64 }
+        SizeRule::Reference {
+            max_long: 1286,
+            max_short: 960,
+            multiple: 64,
+        }
     }
 
     /// Buckets with sides multiple of `step`, area at most `area`, aspect ratio at most `max_aspect`
@@ -139,13 +157,22 @@ impl SizeRule {
     /// to it. `None` when the image is too small for the rule (a side would round to 0).
     pub fn target(&self, width: u32, height: u32) -> Option<Target> {
         match self {
-            SizeRule::Reference { max_long, max_short, multiple } => {
+            SizeRule::Reference {
+                max_long,
+                max_short,
+                multiple,
+            } => {
                 let (long, short) = (width.max(height) as f64, width.min(height) as f64);
                 let scale = (*max_long as f64 / long).min(*max_short as f64 / short);
                 // Python's round() rounds half to even; the reference uses it.
-                let side = |v: u32| ((v as f64 * scale).round_ties_even() as u32) / multiple * multiple;
+                let side =
+                    |v: u32| ((v as f64 * scale).round_ties_even() as u32) / multiple * multiple;
                 let (w, h) = (side(width), side(height));
-                (w > 0 && h > 0).then_some(Target { width: w, height: h, crop: [0, 0, width, height] })
+                (w > 0 && h > 0).then_some(Target {
+                    width: w,
+                    height: h,
+                    crop: [0, 0, width, height],
+                })
             }
             SizeRule::Buckets(buckets) => {
                 let aspect = (width as f64 / height as f64).ln();
@@ -155,12 +182,22 @@ impl SizeRule {
                 })?;
                 // Centre crop of the original to the bucket's aspect ratio.
                 let (cw, ch) = if width as u64 * bh as u64 > height as u64 * bw as u64 {
-                    (((height as u64 * bw as u64) as f64 / bh as f64).round() as u32, height)
+                    (
+                        ((height as u64 * bw as u64) as f64 / bh as f64).round() as u32,
+                        height,
+                    )
                 } else {
-                    (width, ((width as u64 * bh as u64) as f64 / bw as f64).round() as u32)
+                    (
+                        width,
+                        ((width as u64 * bh as u64) as f64 / bw as f64).round() as u32,
+                    )
                 };
                 let (cw, ch) = (cw.clamp(1, width), ch.clamp(1, height));
-                Some(Target { width: bw, height: bh, crop: [(width - cw) / 2, (height - ch) / 2, cw, ch] })
+                Some(Target {
+                    width: bw,
+                    height: bh,
+                    crop: [(width - cw) / 2, (height - ch) / 2, cw, ch],
+                })
             }
         }
     }
@@ -212,7 +249,11 @@ pub struct PlanOptions {
 
 /// Plans epoch `epoch`. Rows too small for the size rule are returned separately (the loader
 /// reports them through its bad-row policy).
-pub fn plan_epoch(index: &DatasetIndex, opts: &PlanOptions, epoch: u64) -> (EpochPlan, Vec<RowRef>) {
+pub fn plan_epoch(
+    index: &DatasetIndex,
+    opts: &PlanOptions,
+    epoch: u64,
+) -> (EpochPlan, Vec<RowRef>) {
     let mut shard_order: Vec<u32> = (0..index.shards.len() as u32).collect();
     KeyedRng::new(opts.seed, Purpose::ShardOrder, epoch, 0).shuffle(&mut shard_order);
     let mut read_order = Vec::new();
@@ -224,7 +265,10 @@ pub fn plan_epoch(index: &DatasetIndex, opts: &PlanOptions, epoch: u64) -> (Epoc
         for g in groups {
             read_order.push((s, g));
             let (start, len) = shard.row_groups[g];
-            stream.extend((start..start + len).map(|row| RowRef { shard: s, row: row as u32 }));
+            stream.extend((start..start + len).map(|row| RowRef {
+                shard: s,
+                row: row as u32,
+            }));
         }
     }
     let window = opts.shuffle_window.max(1);
@@ -245,7 +289,10 @@ pub fn plan_epoch(index: &DatasetIndex, opts: &PlanOptions, epoch: u64) -> (Epoc
         let key = (t.width, t.height);
         let slot = *open.entry(key).or_insert_with(|| {
             open_order.push(key);
-            batches.push(PlannedBatch { rows: Vec::new(), size: key });
+            batches.push(PlannedBatch {
+                rows: Vec::new(),
+                size: key,
+            });
             batches.len() - 1
         });
         batches[slot].rows.push((r, pos as u64));
@@ -260,12 +307,29 @@ pub fn plan_epoch(index: &DatasetIndex, opts: &PlanOptions, epoch: u64) -> (Epoc
         .enumerate()
         .map(|(i, b)| {
             let full = b.rows.len() == opts.batch_size;
-            (if full { b.rows.last().unwrap().1 } else { u64::MAX }, i)
+            (
+                if full {
+                    b.rows.last().unwrap().1
+                } else {
+                    u64::MAX
+                },
+                i,
+            )
         })
         .collect();
     complete_at.sort();
-    let batches = complete_at.into_iter().map(|(_, i)| batches[i].clone()).collect();
-    (EpochPlan { epoch, read_order, batches }, too_small)
+    let batches = complete_at
+        .into_iter()
+        .map(|(_, i)| batches[i].clone())
+        .collect();
+    (
+        EpochPlan {
+            epoch,
+            read_order,
+            batches,
+        },
+        too_small,
+    )
 }
 
 #[cfg(test)]
@@ -280,8 +344,13 @@ mod tests {
                 .enumerate()
                 .map(|(i, &(rows, per))| ShardEntry {
                     path: PathBuf::from(format!("s{i}.parquet")),
-                    row_groups: (0..rows).step_by(per).map(|s| (s as u64, per.min(rows - s) as u64)).collect(),
-                    sizes: (0..rows).map(|r| if r % 3 == 0 { (1024, 768) } else { (768, 1024) }).collect(),
+                    row_groups: (0..rows)
+                        .step_by(per)
+                        .map(|s| (s as u64, per.min(rows - s) as u64))
+                        .collect(),
+                    sizes: (0..rows)
+                        .map(|r| if r % 3 == 0 { (1024, 768) } else { (768, 1024) })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -290,11 +359,20 @@ mod tests {
     #[test]
     fn every_row_appears_once_per_epoch_in_equal_size_batches() {
         let idx = index(&[(37, 8), (20, 5), (3, 3)]);
-        let opts = PlanOptions { seed: 5, batch_size: 4, shuffle_window: 16, size_rule: SizeRule::reference() };
+        let opts = PlanOptions {
+            seed: 5,
+            batch_size: 4,
+            shuffle_window: 16,
+            size_rule: SizeRule::reference(),
+        };
         for epoch in 0..3 {
             let (plan, small) = plan_epoch(&idx, &opts, epoch);
             assert!(small.is_empty());
-            let mut rows: Vec<RowRef> = plan.batches.iter().flat_map(|b| b.rows.iter().map(|r| r.0)).collect();
+            let mut rows: Vec<RowRef> = plan
+                .batches
+                .iter()
+                .flat_map(|b| b.rows.iter().map(|r| r.0))
+                .collect();
             assert_eq!(rows.len(), 60);
             rows.sort();
             rows.dedup();
@@ -309,14 +387,24 @@ mod tests {
             }
         }
         let a = plan_epoch(&idx, &opts, 0).0.batches;
-        assert_eq!(a, plan_epoch(&idx, &opts, 0).0.batches, "same epoch, same plan");
-        assert_ne!(a, plan_epoch(&idx, &opts, 1).0.batches, "epochs are shuffled differently");
+        assert_eq!(
+            a,
+            plan_epoch(&idx, &opts, 0).0.batches,
+            "same epoch, same plan"
+        );
+        assert_ne!(
+            a,
+            plan_epoch(&idx, &opts, 1).0.batches,
+            "epochs are shuffled differently"
+        );
     }
 
     /// The reference rule's (w, h), with (0, 0) where a side rounds to 0 (no target).
     /// Cases are hand-computed and from Python (`scripts/make_ops_expected.py`).
     fn reference_size(w: u32, h: u32) -> (u32, u32) {
-        SizeRule::reference().target(w, h).map_or((0, 0), |t| (t.width, t.height))
+        SizeRule::reference()
+            .target(w, h)
+            .map_or((0, 0), |t| (t.width, t.height))
     }
 
     #[test]
@@ -343,7 +431,11 @@ mod tests {
         for r in &t {
             let v: Vec<u32> = r.iter().map(|s| s.parse().unwrap()).collect();
             // A side that rounds to 0 makes the row unplaceable (reported as too small).
-            let want = if v[2] == 0 || v[3] == 0 { (0, 0) } else { (v[2], v[3]) };
+            let want = if v[2] == 0 || v[3] == 0 {
+                (0, 0)
+            } else {
+                (v[2], v[3])
+            };
             assert_eq!(reference_size(v[0], v[1]), want, "{v:?}");
         }
     }

@@ -12,11 +12,11 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{decode_gray, decode_rgb, DecodeLimits};
+use crate::image_io::{DecodeLimits, decode_gray, decode_rgb};
 use crate::ops::{self, Filter};
 use crate::plan::Target;
 use crate::rng::KeyedRng;
-use crate::schema::{self, col, Sample};
+use crate::schema::{self, Sample, col};
 
 /// Conditioning dropout, decided per sample from one uniform draw r (IP-Adapter's cascade):
 /// r < image → drop image; next `text` → drop caption; next `both` → drop both.
@@ -33,7 +33,11 @@ pub struct Dropout {
 
 impl Default for Dropout {
     fn default() -> Self {
-        Self { image: 0.05, text: 0.20, both: 0.05 }
+        Self {
+            image: 0.05,
+            text: 0.20,
+            both: 0.05,
+        }
     }
 }
 
@@ -165,7 +169,14 @@ pub fn process(
     let (w, h) = (target.width, target.height);
     let [cx, cy, cw, ch] = target.crop;
     let view = region(&image, target.crop);
-    let resized = resize(scratch, view.as_ref().unwrap_or(&image), w, h, Filter::CatmullRom, at)?;
+    let resized = resize(
+        scratch,
+        view.as_ref().unwrap_or(&image),
+        w,
+        h,
+        Filter::CatmullRom,
+        at,
+    )?;
     let mut pixels = vec![0.0; 3 * (w * h) as usize];
     ops::to_signed_unit(&resized, &mut pixels);
 
@@ -178,13 +189,28 @@ pub fn process(
         if mask.dimensions() != image.dimensions() {
             return Err(DataError::new(
                 field(col::MASK),
-                format!("mask is {}x{}, the image is {}x{}", mask.width(), mask.height(), image.width(), image.height()),
+                format!(
+                    "mask is {}x{}, the image is {}x{}",
+                    mask.width(),
+                    mask.height(),
+                    image.width(),
+                    image.height()
+                ),
             ));
         }
         let Some(soft) = soft_mask(&mask, cfg.dilate_kernel) else {
-            return Err(DataError::new(field(col::MASK), "mask is empty (no non-zero pixel)"));
+            return Err(DataError::new(
+                field(col::MASK),
+                "mask is empty (no non-zero pixel)",
+            ));
         };
-        let loss_mask = ops::resize_mask_bilinear(region(&soft.mask, target.crop).as_ref().unwrap_or(&soft.mask), mw, mh);
+        let loss_mask = ops::resize_mask_bilinear(
+            region(&soft.mask, target.crop)
+                .as_ref()
+                .unwrap_or(&soft.mask),
+            mw,
+            mh,
+        );
         let (clip_body, clip_face, embedding) = if drop_image {
             (None, None, vec![0.0; schema::EMBEDDING_DIM])
         } else {
@@ -204,9 +230,18 @@ pub fn process(
             let mut clip_body = vec![0.0; 3 * (s * s) as usize];
             ops::clip_normalize(&face, &mut clip_face);
             ops::clip_normalize(&body, &mut clip_body);
-            (Some(clip_body), Some(clip_face), character.embedding.clone())
+            (
+                Some(clip_body),
+                Some(clip_face),
+                character.embedding.clone(),
+            )
         };
-        characters.push(ProcessedCharacter { embedding, clip_body, clip_face, mask: loss_mask });
+        characters.push(ProcessedCharacter {
+            embedding,
+            clip_body,
+            clip_face,
+            mask: loss_mask,
+        });
     }
 
     let pose = match &sample.pose {
@@ -223,7 +258,14 @@ pub fn process(
                 ((ch as f64 * sy).round() as u32).clamp(1, pose.height()),
             ];
             let pose_view = region(&pose, pc);
-            let resized = resize(scratch, pose_view.as_ref().unwrap_or(&pose), w, h, Filter::Bilinear, at)?;
+            let resized = resize(
+                scratch,
+                pose_view.as_ref().unwrap_or(&pose),
+                w,
+                h,
+                Filter::Bilinear,
+                at,
+            )?;
             let mut out = vec![0.0; 3 * (w * h) as usize];
             ops::to_unit(&resized, &mut out);
             Some(out)
@@ -235,12 +277,23 @@ pub fn process(
         None => {
             let top = (cy as f64 * h as f64 / ch as f64).round() as f32;
             let left = (cx as f64 * w as f64 / cw as f64).round() as f32;
-            [sample.height as f32, sample.width as f32, top, left, h as f32, w as f32]
+            [
+                sample.height as f32,
+                sample.width as f32,
+                top,
+                left,
+                h as f32,
+                w as f32,
+            ]
         }
     };
     Ok(ProcessedSample {
         id: sample.id.clone(),
-        caption: if drop_text { String::new() } else { sample.caption.clone() },
+        caption: if drop_text {
+            String::new()
+        } else {
+            sample.caption.clone()
+        },
         width: w,
         height: h,
         pixels,
@@ -252,14 +305,26 @@ pub fn process(
     })
 }
 
-fn resize(scratch: &mut Scratch, img: &RgbImage, w: u32, h: u32, filter: Filter, at: &Location) -> Result<RgbImage> {
-    ops::resize_rgb(&mut scratch.resizer, img, w, h, filter).map_err(|e| DataError::new(at.clone(), e.to_string()))
+fn resize(
+    scratch: &mut Scratch,
+    img: &RgbImage,
+    w: u32,
+    h: u32,
+    filter: Filter,
+    at: &Location,
+) -> Result<RgbImage> {
+    ops::resize_rgb(&mut scratch.resizer, img, w, h, filter)
+        .map_err(|e| DataError::new(at.clone(), e.to_string()))
 }
 
 /// `Some(copy)` of the region when it is not the whole image.
-fn region<P: image::Pixel + 'static>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, crop: [u32; 4]) -> Option<image::ImageBuffer<P, Vec<P::Subpixel>>> {
+fn region<P: image::Pixel + 'static>(
+    img: &image::ImageBuffer<P, Vec<P::Subpixel>>,
+    crop: [u32; 4],
+) -> Option<image::ImageBuffer<P, Vec<P::Subpixel>>> {
     let [x, y, w, h] = crop;
-    ((x, y, w, h) != (0, 0, img.width(), img.height())).then(|| image::imageops::crop_imm(img, x, y, w, h).to_image())
+    ((x, y, w, h) != (0, 0, img.width(), img.height()))
+        .then(|| image::imageops::crop_imm(img, x, y, w, h).to_image())
 }
 
 /// A character's soft mask at full resolution and the bounding box of its dilated mask.
@@ -285,7 +350,10 @@ pub fn soft_mask(mask: &GrayImage, kernel: u32) -> Option<SoftMask> {
     let blurred = ops::gaussian_blur_5x5(&dilated);
     let mut full = GrayImage::new(mask.width(), mask.height());
     image::imageops::replace(&mut full, &blurred, x0 as i64, y0 as i64);
-    Some(SoftMask { mask: full, bbox: [x0 + d.x0, y0 + d.y0, x0 + d.x1, y0 + d.y1] })
+    Some(SoftMask {
+        mask: full,
+        bbox: [x0 + d.x0, y0 + d.y0, x0 + d.x1, y0 + d.y1],
+    })
 }
 
 #[cfg(test)]

@@ -26,6 +26,10 @@ pub enum Purpose {
     Sample = 4,
     /// Training-step randomness (diffusion noise, timesteps, token-group dropout).
     Train = 5,
+    /// Generation: initial latents and stochastic-sampler noise.
+    Generate = 6,
+    /// Validation loss: fixed noise per held-out batch.
+    Validation = 7,
 }
 
 /// A small deterministic generator keyed by (seed, purpose, a, b).
@@ -72,6 +76,21 @@ impl KeyedRng {
         }
     }
 
+    /// `n` standard normal samples (Box–Muller on pairs of uniforms).
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let u1 = self.uniform().max(f64::MIN_POSITIVE);
+            let u2 = self.uniform();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let a = 2.0 * std::f64::consts::PI * u2;
+            out.push((r * a.cos()) as f32);
+            out.push((r * a.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+
     /// Fisher–Yates shuffle in place.
     pub fn shuffle<T>(&mut self, items: &mut [T]) {
         for i in (1..items.len()).rev() {
@@ -87,10 +106,24 @@ mod tests {
 
     #[test]
     fn streams_are_reproducible_and_independent() {
-        let a: Vec<u64> = (0..4).map({ let mut r = KeyedRng::new(7, Purpose::Sample, 3, 9); move |_| r.next_u64() }).collect();
-        let b: Vec<u64> = (0..4).map({ let mut r = KeyedRng::new(7, Purpose::Sample, 3, 9); move |_| r.next_u64() }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = KeyedRng::new(7, Purpose::Sample, 3, 9);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut r = KeyedRng::new(7, Purpose::Sample, 3, 9);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
-        for other in [KeyedRng::new(8, Purpose::Sample, 3, 9), KeyedRng::new(7, Purpose::Window, 3, 9), KeyedRng::new(7, Purpose::Sample, 9, 3)] {
+        for other in [
+            KeyedRng::new(8, Purpose::Sample, 3, 9),
+            KeyedRng::new(7, Purpose::Window, 3, 9),
+            KeyedRng::new(7, Purpose::Sample, 9, 3),
+        ] {
             let mut o = other;
             assert_ne!(a[0], o.next_u64());
         }
@@ -108,6 +141,9 @@ mod tests {
         for _ in 0..60_000 {
             counts[r.below(6) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (9_400..10_600).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (9_400..10_600).contains(&c)),
+            "{counts:?}"
+        );
     }
 }

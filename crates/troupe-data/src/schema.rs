@@ -115,7 +115,10 @@ pub fn character_fields() -> Fields {
 
 /// The Arrow type of the `characters` column.
 pub fn characters_type() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Struct(character_fields()), true)))
+    DataType::List(Arc::new(Field::new_list_field(
+        DataType::Struct(character_fields()),
+        true,
+    )))
 }
 
 /// The Arrow schema of a v1 shard (without file metadata). Every field is nullable because
@@ -159,48 +162,72 @@ pub fn hf_features_json() -> String {
 /// Returns every problem found (not just the first), each naming its field.
 pub fn validate_fields(sample: &Sample, at: &Location) -> Vec<DataError> {
     let mut errors = Vec::new();
-    let mut err = |field: String, message: String| errors.push(DataError::new(at.field(field), message));
+    let mut err =
+        |field: String, message: String| errors.push(DataError::new(at.field(field), message));
     if sample.id.is_empty() {
         err(col::ID.into(), "sample id is empty".into());
     }
     if sample.image.bytes.is_empty() {
-        err(format!("{}.{}", col::IMAGE, col::BYTES), "image bytes are missing or empty".into());
+        err(
+            format!("{}.{}", col::IMAGE, col::BYTES),
+            "image bytes are missing or empty".into(),
+        );
     }
     if sample.width == 0 || sample.height == 0 {
         err(
             format!("{}/{}", col::WIDTH, col::HEIGHT),
-            format!("image size must be positive, got {}x{}", sample.width, sample.height),
+            format!(
+                "image size must be positive, got {}x{}",
+                sample.width, sample.height
+            ),
         );
     }
     let n = sample.characters.len();
     if !(1..=MAX_CHARACTERS).contains(&n) {
-        err(col::CHARACTERS.into(), format!("expected 1 to {MAX_CHARACTERS} characters, found {n}"));
+        err(
+            col::CHARACTERS.into(),
+            format!("expected 1 to {MAX_CHARACTERS} characters, found {n}"),
+        );
     }
     for (i, ch) in sample.characters.iter().enumerate() {
         let field = |name: &str| format!("{}[{i}].{name}", col::CHARACTERS);
         if ch.embedding.len() != EMBEDDING_DIM {
             err(
                 field(col::EMBEDDING),
-                format!("expected {EMBEDDING_DIM} values, found {}", ch.embedding.len()),
+                format!(
+                    "expected {EMBEDDING_DIM} values, found {}",
+                    ch.embedding.len()
+                ),
             );
         } else if let Some(j) = ch.embedding.iter().position(|v| !v.is_finite()) {
-            err(field(col::EMBEDDING), format!("value {j} is not finite ({})", ch.embedding[j]));
+            err(
+                field(col::EMBEDDING),
+                format!("value {j} is not finite ({})", ch.embedding[j]),
+            );
         } else {
             let norm = ch.embedding.iter().map(|v| v * v).sum::<f32>().sqrt();
             if (norm - 1.0).abs() > NORM_TOLERANCE {
                 err(
                     field(col::EMBEDDING),
-                    format!("L2 norm is {norm:.6}, expected 1 ± {NORM_TOLERANCE} (normalise it as insightface's normed_embedding)"),
+                    format!(
+                        "L2 norm is {norm:.6}, expected 1 ± {NORM_TOLERANCE} (normalise it as insightface's normed_embedding)"
+                    ),
                 );
             }
         }
         if ch.keypoints.len() != KEYPOINTS_LEN {
             err(
                 field(col::KEYPOINTS),
-                format!("expected {KEYPOINTS_LEN} values (5 x,y pairs), found {}", ch.keypoints.len()),
+                format!(
+                    "expected {KEYPOINTS_LEN} values (5 x,y pairs), found {}",
+                    ch.keypoints.len()
+                ),
             );
         } else if let Some(j) = ch.keypoints.iter().position(|v| !v.is_finite()) {
-            err(field(col::KEYPOINTS), format!("value {j} is not finite ({})", ch.keypoints[j]));
+            err(
+                field(col::KEYPOINTS),
+                format!("value {j} is not finite ({})", ch.keypoints[j]),
+            );
         } else if sample.width > 0 && sample.height > 0 {
             for (k, p) in ch.keypoints.chunks_exact(2).enumerate() {
                 let (x, y) = (p[0], p[1]);
@@ -232,7 +259,10 @@ pub fn validate_fields(sample: &Sample, at: &Location) -> Vec<DataError> {
     if let Some(pose) = &sample.pose
         && pose.bytes.is_empty()
     {
-        err(format!("{}.{}", col::POSE, col::BYTES), "pose struct present but its bytes are empty".into());
+        err(
+            format!("{}.{}", col::POSE, col::BYTES),
+            "pose struct present but its bytes are empty".into(),
+        );
     }
     errors
 }

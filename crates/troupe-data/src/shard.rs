@@ -14,14 +14,16 @@ use arrow_array::{
 };
 use arrow_buffer::{NullBuffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema};
-use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use crate::error::{DataError, Location, Result};
-use crate::schema::{self, col, Character, EncodedImage, Sample};
+use crate::schema::{self, Character, EncodedImage, Sample, col};
 
 /// File name extension of shards.
 pub const SHARD_EXTENSION: &str = "parquet";
@@ -107,9 +109,13 @@ impl ShardWriter {
             options,
             // The `huggingface` key must sit in the Arrow schema's own metadata: pyarrow (and so
             // `datasets`) reads schema metadata from the embedded Arrow schema.
-            schema: Arc::new(schema::arrow_schema().with_metadata(
-                [(schema::META_HF.to_string(), schema::hf_features_json())].into_iter().collect::<std::collections::HashMap<_, _>>(),
-            )),
+            schema: Arc::new(
+                schema::arrow_schema().with_metadata(
+                    [(schema::META_HF.to_string(), schema::hf_features_json())]
+                        .into_iter()
+                        .collect::<std::collections::HashMap<_, _>>(),
+                ),
+            ),
             open: None,
             pending: Vec::new(),
             pending_bytes: 0,
@@ -145,13 +151,17 @@ impl ShardWriter {
         }
         let shard = self.open.as_mut().expect("opened above");
         let batch = samples_to_batch(&self.pending, self.schema.clone());
-        let err = |e: parquet::errors::ParquetError| DataError::new(Location::file(&shard.partial), e.to_string());
+        let err = |e: parquet::errors::ParquetError| {
+            DataError::new(Location::file(&shard.partial), e.to_string())
+        };
         shard.writer.write(&batch).map_err(err)?;
         shard.writer.flush().map_err(err)?;
         shard.rows += self.pending.len() as u64;
         self.pending.clear();
         self.pending_bytes = 0;
-        if shard.writer.bytes_written() as u64 >= self.options.shard_bytes || shard.rows >= self.options.shard_rows {
+        if shard.writer.bytes_written() as u64 >= self.options.shard_bytes
+            || shard.rows >= self.options.shard_rows
+        {
             self.close_shard()?;
         }
         Ok(())
@@ -159,11 +169,17 @@ impl ShardWriter {
 
     fn open_shard(&self) -> Result<OpenShard> {
         let index = self.finished.len();
-        let path = self.dir.join(format!("{}-{index:05}.{SHARD_EXTENSION}", self.options.prefix));
+        let path = self.dir.join(format!(
+            "{}-{index:05}.{SHARD_EXTENSION}",
+            self.options.prefix
+        ));
         let partial = path.with_extension("parquet.partial");
         let file = File::create(&partial).map_err(|e| DataError::io(&partial, &e))?;
         let kv = vec![
-            KeyValue::new(schema::META_VERSION.into(), schema::SCHEMA_VERSION.to_string()),
+            KeyValue::new(
+                schema::META_VERSION.into(),
+                schema::SCHEMA_VERSION.to_string(),
+            ),
             KeyValue::new(schema::META_PRODUCER.into(), self.options.producer.clone()),
         ];
         // Images are already compressed; snappy only helps the small columns and costs little.
@@ -175,22 +191,44 @@ impl ShardWriter {
             .build();
         let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(props))
             .map_err(|e| DataError::new(Location::file(&partial), e.to_string()))?;
-        Ok(OpenShard { writer, partial, path, rows: 0 })
+        Ok(OpenShard {
+            writer,
+            partial,
+            path,
+            rows: 0,
+        })
     }
 
     fn close_shard(&mut self) -> Result<()> {
-        let Some(shard) = self.open.take() else { return Ok(()) };
-        let file = shard.writer.into_inner().map_err(|e| DataError::new(Location::file(&shard.partial), e.to_string()))?;
-        file.sync_all().map_err(|e| DataError::io(&shard.partial, &e))?;
-        let bytes = file.metadata().map_err(|e| DataError::io(&shard.partial, &e))?.len();
+        let Some(shard) = self.open.take() else {
+            return Ok(());
+        };
+        let file = shard
+            .writer
+            .into_inner()
+            .map_err(|e| DataError::new(Location::file(&shard.partial), e.to_string()))?;
+        file.sync_all()
+            .map_err(|e| DataError::io(&shard.partial, &e))?;
+        let bytes = file
+            .metadata()
+            .map_err(|e| DataError::io(&shard.partial, &e))?
+            .len();
         std::fs::rename(&shard.partial, &shard.path).map_err(|e| DataError::io(&shard.path, &e))?;
-        self.finished.push(ShardInfo { path: shard.path, rows: shard.rows, bytes });
+        self.finished.push(ShardInfo {
+            path: shard.path,
+            rows: shard.rows,
+            bytes,
+        });
         Ok(())
     }
 }
 
 fn encoded_size(s: &Sample) -> usize {
-    let chars: usize = s.characters.iter().map(|c| c.mask.bytes.len() + 4 * (c.embedding.len() + 14)).sum();
+    let chars: usize = s
+        .characters
+        .iter()
+        .map(|c| c.mask.bytes.len() + 4 * (c.embedding.len() + 14))
+        .sum();
     s.image.bytes.len() + s.caption.len() + chars + s.pose.as_ref().map_or(0, |p| p.bytes.len())
 }
 
@@ -200,7 +238,9 @@ fn image_array<'a>(images: impl Iterator<Item = Option<&'a EncodedImage>>) -> St
     let paths = StringArray::from_iter(images.iter().map(|i| i.and_then(|i| i.path.as_deref())));
     let nulls = NullBuffer::from_iter(images.iter().map(|i| i.is_some()));
     let nulls = (nulls.null_count() > 0).then_some(nulls);
-    let DataType::Struct(fields) = schema::image_type() else { unreachable!() };
+    let DataType::Struct(fields) = schema::image_type() else {
+        unreachable!()
+    };
     StructArray::new(fields, vec![Arc::new(bytes), Arc::new(paths)], nulls)
 }
 
@@ -212,7 +252,8 @@ fn list_array(values: ArrayRef, lengths: impl Iterator<Item = usize>) -> ListArr
 fn samples_to_batch(samples: &[Sample], schema: Arc<Schema>) -> RecordBatch {
     let chars: Vec<&Character> = samples.iter().flat_map(|s| &s.characters).collect();
     let f32s = |get: fn(&Character) -> &[f32]| {
-        let values = Float32Array::from_iter_values(chars.iter().flat_map(|c| get(c).iter().copied()));
+        let values =
+            Float32Array::from_iter_values(chars.iter().flat_map(|c| get(c).iter().copied()));
         list_array(Arc::new(values), chars.iter().map(|c| get(c).len()))
     };
     let bbox = Int32Array::from_iter_values(chars.iter().flat_map(|c| c.bbox.map(|v| v as i32)));
@@ -227,12 +268,23 @@ fn samples_to_batch(samples: &[Sample], schema: Arc<Schema>) -> RecordBatch {
         None,
     );
     let columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(samples.iter().map(|s| s.id.as_str()))),
+        Arc::new(StringArray::from_iter_values(
+            samples.iter().map(|s| s.id.as_str()),
+        )),
         Arc::new(image_array(samples.iter().map(|s| Some(&s.image)))),
-        Arc::new(Int32Array::from_iter_values(samples.iter().map(|s| s.width as i32))),
-        Arc::new(Int32Array::from_iter_values(samples.iter().map(|s| s.height as i32))),
-        Arc::new(StringArray::from_iter_values(samples.iter().map(|s| s.caption.as_str()))),
-        Arc::new(list_array(Arc::new(character_struct), samples.iter().map(|s| s.characters.len()))),
+        Arc::new(Int32Array::from_iter_values(
+            samples.iter().map(|s| s.width as i32),
+        )),
+        Arc::new(Int32Array::from_iter_values(
+            samples.iter().map(|s| s.height as i32),
+        )),
+        Arc::new(StringArray::from_iter_values(
+            samples.iter().map(|s| s.caption.as_str()),
+        )),
+        Arc::new(list_array(
+            Arc::new(character_struct),
+            samples.iter().map(|s| s.characters.len()),
+        )),
         Arc::new(image_array(samples.iter().map(|s| s.pose.as_ref()))),
     ];
     RecordBatch::try_new(schema, columns).expect("arrays are built to the schema")
@@ -250,7 +302,10 @@ pub struct ShardReader {
 
 impl std::fmt::Debug for ShardReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ShardReader").field("path", &self.path).field("rows", &self.num_rows()).finish()
+        f.debug_struct("ShardReader")
+            .field("path", &self.path)
+            .field("rows", &self.num_rows())
+            .finish()
     }
 }
 
@@ -262,24 +317,42 @@ impl ShardReader {
     pub fn open(path: &Path) -> Result<Self> {
         let at = Location::file(path);
         let file = File::open(path).map_err(|e| DataError::io(path, &e))?;
-        let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
-            DataError::new(at.clone(), format!("not a readable Parquet file (truncated or corrupt?): {e}"))
-        })?;
+        let metadata =
+            ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).map_err(|e| {
+                DataError::new(
+                    at.clone(),
+                    format!("not a readable Parquet file (truncated or corrupt?): {e}"),
+                )
+            })?;
         let kv = metadata.metadata().file_metadata().key_value_metadata();
-        let get = |key: &str| kv.and_then(|kv| kv.iter().find(|e| e.key == key)).and_then(|e| e.value.clone());
+        let get = |key: &str| {
+            kv.and_then(|kv| kv.iter().find(|e| e.key == key))
+                .and_then(|e| e.value.clone())
+        };
         let version = match get(schema::META_VERSION) {
             None => {
                 return Err(DataError::new(
                     at,
-                    format!("no `{}` metadata: not a troupe shard (write shards with `troupe data pack`)", schema::META_VERSION),
+                    format!(
+                        "no `{}` metadata: not a troupe shard (write shards with `troupe data pack`)",
+                        schema::META_VERSION
+                    ),
                 ));
             }
-            Some(v) => v.trim().parse::<u32>().ok().filter(|v| schema::KNOWN_VERSIONS.contains(v)).ok_or_else(|| {
-                DataError::new(
-                    at.clone(),
-                    format!("shard schema version `{v}` is not known to this build (it reads {:?})", schema::KNOWN_VERSIONS),
-                )
-            })?,
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|v| schema::KNOWN_VERSIONS.contains(v))
+                .ok_or_else(|| {
+                    DataError::new(
+                        at.clone(),
+                        format!(
+                            "shard schema version `{v}` is not known to this build (it reads {:?})",
+                            schema::KNOWN_VERSIONS
+                        ),
+                    )
+                })?,
         };
         check_columns(metadata.schema(), &at)?;
         let mut row_group_starts = vec![0u64];
@@ -287,7 +360,14 @@ impl ShardReader {
             row_group_starts.push(row_group_starts.last().unwrap() + rg.num_rows() as u64);
         }
         let producer = get(schema::META_PRODUCER);
-        Ok(Self { path: path.to_path_buf(), file, metadata, row_group_starts, version, producer })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            metadata,
+            row_group_starts,
+            version,
+            producer,
+        })
     }
 
     /// The shard's path.
@@ -317,17 +397,30 @@ impl ShardReader {
 
     /// First row and row count of row group `g`.
     pub fn row_group_span(&self, g: usize) -> (u64, u64) {
-        (self.row_group_starts[g], self.row_group_starts[g + 1] - self.row_group_starts[g])
+        (
+            self.row_group_starts[g],
+            self.row_group_starts[g + 1] - self.row_group_starts[g],
+        )
     }
 
-    fn read_batches(&self, row_groups: Vec<usize>, projection: Option<&[&str]>) -> Result<Vec<RecordBatch>> {
-        let file = self.file.try_clone().map_err(|e| DataError::io(&self.path, &e))?;
-        let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
-            .with_row_groups(row_groups.clone())
-            .with_batch_size(1 << 16);
+    fn read_batches(
+        &self,
+        row_groups: Vec<usize>,
+        projection: Option<&[&str]>,
+    ) -> Result<Vec<RecordBatch>> {
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| DataError::io(&self.path, &e))?;
+        let mut builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
+                .with_row_groups(row_groups.clone())
+                .with_batch_size(1 << 16);
         if let Some(names) = projection {
-            let roots: Vec<usize> =
-                names.iter().map(|n| self.metadata.schema().index_of(n).expect("checked in open")).collect();
+            let roots: Vec<usize> = names
+                .iter()
+                .map(|n| self.metadata.schema().index_of(n).expect("checked in open"))
+                .collect();
             let mask = ProjectionMask::roots(self.metadata.parquet_schema(), roots);
             builder = builder.with_projection(mask);
         }
@@ -335,11 +428,15 @@ impl ShardReader {
             let (first, _) = self.row_group_span(row_groups[0]);
             DataError::new(
                 Location::file(&self.path),
-                format!("cannot read row group(s) {row_groups:?} (rows from {first}; corrupt or truncated file?): {e}"),
+                format!(
+                    "cannot read row group(s) {row_groups:?} (rows from {first}; corrupt or truncated file?): {e}"
+                ),
             )
         };
         let reader = builder.build().map_err(|e| fail(&e))?;
-        reader.collect::<std::result::Result<Vec<_>, _>>().map_err(|e| fail(&e))
+        reader
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| fail(&e))
     }
 
     /// Reads row group `g`: one entry per row, with its row number in the file.
@@ -366,15 +463,30 @@ impl ShardReader {
         }
         let mut out = Vec::with_capacity(self.num_rows() as usize);
         for batch in self.read_batches(groups, Some(&[col::WIDTH, col::HEIGHT]))? {
-            let w = batch.column(0).as_any().downcast_ref::<Int32Array>().expect("checked type");
-            let h = batch.column(1).as_any().downcast_ref::<Int32Array>().expect("checked type");
+            let w = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("checked type");
+            let h = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<Int32Array>()
+                .expect("checked type");
             for i in 0..batch.num_rows() {
                 let row = out.len() as u64;
                 let at = Location::row(&self.path, row);
                 let get = |a: &Int32Array, name: &str| -> Result<u32> {
                     if a.is_null(i) || a.value(i) <= 0 {
-                        let v = if a.is_null(i) { "null".to_string() } else { a.value(i).to_string() };
-                        return Err(DataError::new(at.field(name), format!("image size must be a positive integer, got {v}")));
+                        let v = if a.is_null(i) {
+                            "null".to_string()
+                        } else {
+                            a.value(i).to_string()
+                        };
+                        return Err(DataError::new(
+                            at.field(name),
+                            format!("image size must be a positive integer, got {v}"),
+                        ));
                     }
                     Ok(a.value(i) as u32)
                 };
@@ -390,9 +502,10 @@ impl ShardReader {
 fn same_shape(a: &DataType, b: &DataType) -> bool {
     match (a, b) {
         (DataType::List(x), DataType::List(y)) => same_shape(x.data_type(), y.data_type()),
-        (DataType::Struct(x), DataType::Struct(y)) => {
-            y.iter().all(|fy| x.iter().any(|fx| fx.name() == fy.name() && same_shape(fx.data_type(), fy.data_type())))
-        }
+        (DataType::Struct(x), DataType::Struct(y)) => y.iter().all(|fy| {
+            x.iter()
+                .any(|fx| fx.name() == fy.name() && same_shape(fx.data_type(), fy.data_type()))
+        }),
         _ => a == b,
     }
 }
@@ -400,12 +513,19 @@ fn same_shape(a: &DataType, b: &DataType) -> bool {
 fn check_columns(actual: &Schema, at: &Location) -> Result<()> {
     for expected in schema::arrow_schema().fields() {
         let Ok(found) = actual.field_with_name(expected.name()) else {
-            return Err(DataError::new(at.field(expected.name()), "required column is missing"));
+            return Err(DataError::new(
+                at.field(expected.name()),
+                "required column is missing",
+            ));
         };
         if !same_shape(found.data_type(), expected.data_type()) {
             return Err(DataError::new(
                 at.field(expected.name()),
-                format!("column has type {}, expected {}", found.data_type(), expected.data_type()),
+                format!(
+                    "column has type {}, expected {}",
+                    found.data_type(),
+                    expected.data_type()
+                ),
             ));
         }
     }
@@ -424,11 +544,16 @@ struct Columns<'a> {
 }
 
 fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
-    batch.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).expect("column types checked on open")
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .expect("column types checked on open")
 }
 
 fn child<'a, T: 'static>(s: &'a StructArray, name: &str) -> &'a T {
-    s.column_by_name(name).and_then(|c| c.as_any().downcast_ref::<T>()).expect("column types checked on open")
+    s.column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .expect("column types checked on open")
 }
 
 fn image_at(s: &StructArray, i: usize, at: &Location, field: &str) -> Result<Option<EncodedImage>> {
@@ -438,10 +563,16 @@ fn image_at(s: &StructArray, i: usize, at: &Location, field: &str) -> Result<Opt
     let bytes = child::<BinaryArray>(s, col::BYTES);
     let paths = child::<StringArray>(s, col::PATH);
     if bytes.is_null(i) {
-        return Err(DataError::new(at.field(format!("{field}.{}", col::BYTES)), "image bytes are null (troupe shards embed image bytes, not paths)"));
+        return Err(DataError::new(
+            at.field(format!("{field}.{}", col::BYTES)),
+            "image bytes are null (troupe shards embed image bytes, not paths)",
+        ));
     }
     let path = (!paths.is_null(i)).then(|| paths.value(i).to_string());
-    Ok(Some(EncodedImage { bytes: bytes.value(i).to_vec(), path }))
+    Ok(Some(EncodedImage {
+        bytes: bytes.value(i).to_vec(),
+        path,
+    }))
 }
 
 fn f32_list(list: &ListArray, i: usize, at: &Location, field: &str) -> Result<Vec<f32>> {
@@ -449,7 +580,10 @@ fn f32_list(list: &ListArray, i: usize, at: &Location, field: &str) -> Result<Ve
         return Err(DataError::new(at.field(field), "value is null"));
     }
     let values = list.value(i);
-    let values = values.as_any().downcast_ref::<Float32Array>().expect("checked type");
+    let values = values
+        .as_any()
+        .downcast_ref::<Float32Array>()
+        .expect("checked type");
     if values.null_count() > 0 {
         return Err(DataError::new(at.field(field), "list contains nulls"));
     }
@@ -471,19 +605,30 @@ impl<'a> Columns<'a> {
 
     fn sample(&self, i: usize, at: &Location) -> Result<Sample> {
         let null = |name: &str| DataError::new(at.field(name), "value is null");
-        let string = |a: &StringArray, name: &str| if a.is_null(i) { Err(null(name)) } else { Ok(a.value(i).to_string()) };
+        let string = |a: &StringArray, name: &str| {
+            if a.is_null(i) {
+                Err(null(name))
+            } else {
+                Ok(a.value(i).to_string())
+            }
+        };
         let size = |a: &Int32Array, name: &str| -> Result<u32> {
             if a.is_null(i) {
                 return Err(null(name));
             }
-            u32::try_from(a.value(i)).map_err(|_| DataError::new(at.field(name), format!("negative size {}", a.value(i))))
+            u32::try_from(a.value(i)).map_err(|_| {
+                DataError::new(at.field(name), format!("negative size {}", a.value(i)))
+            })
         };
         let image = image_at(self.image, i, at, col::IMAGE)?.ok_or_else(|| null(col::IMAGE))?;
         if self.characters.is_null(i) {
             return Err(null(col::CHARACTERS));
         }
         let chars = self.characters.value(i);
-        let chars = chars.as_any().downcast_ref::<StructArray>().expect("checked type");
+        let chars = chars
+            .as_any()
+            .downcast_ref::<StructArray>()
+            .expect("checked type");
         let embeddings = child::<ListArray>(chars, col::EMBEDDING);
         let keypoints = child::<ListArray>(chars, col::KEYPOINTS);
         let masks = child::<StructArray>(chars, col::MASK);
@@ -492,25 +637,40 @@ impl<'a> Columns<'a> {
         for c in 0..chars.len() {
             let field = |name: &str| format!("{}[{c}].{name}", col::CHARACTERS);
             if chars.is_null(c) {
-                return Err(DataError::new(at.field(format!("{}[{c}]", col::CHARACTERS)), "character is null"));
+                return Err(DataError::new(
+                    at.field(format!("{}[{c}]", col::CHARACTERS)),
+                    "character is null",
+                ));
             }
             let bbox = if bboxes.is_null(c) {
                 return Err(null(&field(col::BBOX)));
             } else {
                 let v = bboxes.value(c);
-                let v = v.as_any().downcast_ref::<Int32Array>().expect("checked type");
+                let v = v
+                    .as_any()
+                    .downcast_ref::<Int32Array>()
+                    .expect("checked type");
                 if v.len() != 4 || v.null_count() > 0 || v.values().iter().any(|&x| x < 0) {
                     return Err(DataError::new(
                         at.field(field(col::BBOX)),
-                        format!("expected 4 non-negative integers x0, y0, x1, y1, found {:?}", v.values()),
+                        format!(
+                            "expected 4 non-negative integers x0, y0, x1, y1, found {:?}",
+                            v.values()
+                        ),
                     ));
                 }
-                [v.value(0) as u32, v.value(1) as u32, v.value(2) as u32, v.value(3) as u32]
+                [
+                    v.value(0) as u32,
+                    v.value(1) as u32,
+                    v.value(2) as u32,
+                    v.value(3) as u32,
+                ]
             };
             characters.push(Character {
                 embedding: f32_list(embeddings, c, at, &field(col::EMBEDDING))?,
                 keypoints: f32_list(keypoints, c, at, &field(col::KEYPOINTS))?,
-                mask: image_at(masks, c, at, &field(col::MASK))?.ok_or_else(|| null(&field(col::MASK)))?,
+                mask: image_at(masks, c, at, &field(col::MASK))?
+                    .ok_or_else(|| null(&field(col::MASK)))?,
                 bbox,
             });
         }
@@ -539,7 +699,10 @@ pub fn find_shards(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .filter(|p| p.extension().is_some_and(|e| e == SHARD_EXTENSION) && p.is_file())
                 .collect();
             if found.is_empty() {
-                return Err(DataError::new(Location::file(path), "folder holds no *.parquet shards"));
+                return Err(DataError::new(
+                    Location::file(path),
+                    "folder holds no *.parquet shards",
+                ));
             }
             found.sort();
             out.extend(found);

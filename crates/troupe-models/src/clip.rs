@@ -499,6 +499,11 @@ impl ClipVisionModel {
         sd.linear(&mut self.visual_projection, "visual_projection");
     }
 
+    /// Width of the hidden states (`hidden_size`, 1280 for ViT-H/14).
+    pub fn hidden_size(&self) -> usize {
+        self.class_embedding.val().dims()[0]
+    }
+
     /// `pixel_values [B, 3, S, S]` (CLIP-normalised) → hidden states and `image_embeds`.
     pub fn forward(&self, pixel_values: Tensor<4>) -> VisionOutput {
         let dtype = self.pre_layrnorm.gamma.val().dtype();

@@ -1,5 +1,7 @@
 //! Model components for troupe and the IO that loads their weights.
 //!
+//! * [`adapter`]: the StoryMaker adapter (PPR + processors on a frozen UNet) and its
+//!   architecture; [`adapter_file`]: its file formats (safetensors, the reference `mask.bin`).
 //! * [`tokenizer`]: the CLIP BPE tokenizer that turns SDXL prompts into the 77 token ids its
 //!   two text encoders consume.
 //! * [`resampler`]: perceiver resampler building blocks (burn modules).
@@ -13,6 +15,8 @@
 //! * [`weights`]: loading PyTorch safetensors state dicts (single, sharded, f32/f16/bf16) into
 //!   those modules; [`error`]: config and weight errors.
 
+pub mod adapter;
+pub mod adapter_file;
 pub mod attention;
 pub mod clip;
 pub mod component;

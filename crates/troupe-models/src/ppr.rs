@@ -232,10 +232,20 @@ impl FaceIdPlus {
 pub const DIM_HEAD_METADATA: &str = "troupe.ppr.resampler_dim_head";
 
 impl FaceIdPlusConfig {
-    /// Reads the sizes of a PPR state dict under `prefix` from its tensor shapes. The head width
-    /// is not visible in the shapes (heads × dim_head = width): it comes from the file's
-    /// metadata [`DIM_HEAD_METADATA`] when present (troupe writes it), else StoryMaker's 64.
+    /// Reads the sizes of a PPR state dict under `prefix`: from the file's adapter spec
+    /// ([`crate::adapter::SPEC_METADATA`]) when present, else from its tensor shapes. The head
+    /// width is not visible in the shapes (heads × dim_head = width): it then comes from the
+    /// metadata [`DIM_HEAD_METADATA`] (older troupe files), else StoryMaker's 64.
     pub fn from_state_dict(sd: &StateDict, prefix: &str) -> Result<Self, WeightError> {
+        // A troupe file states its whole architecture.
+        if let Some(json) = sd.metadata().get(crate::adapter::SPEC_METADATA) {
+            let spec: crate::adapter::AdapterSpec =
+                serde_json::from_str(json).map_err(|e| WeightError::Format {
+                    path: sd.path().to_string(),
+                    message: format!("metadata `{}`: {e}", crate::adapter::SPEC_METADATA),
+                })?;
+            return Ok(spec.ppr);
+        }
         let dim_head = match sd.metadata().get(DIM_HEAD_METADATA) {
             Some(v) => v.parse().map_err(|_| WeightError::Format {
                 path: sd.path().to_string(),

@@ -655,6 +655,11 @@ impl AutoencoderKL {
         self.downscale_factor
     }
 
+    /// Channels of the latent (`config.latent_channels`, 4 for SD/SDXL).
+    pub fn latent_channels(&self) -> usize {
+        self.decoder.conv_in.weight.val().dims()[1]
+    }
+
     /// Unscaled VAE latents → the UNet's: `(z − shift_factor) · scaling_factor` (diffusers
     /// pipelines and training scripts).
     pub fn scale_latents(&self, z: Tensor<4>) -> Tensor<4> {

@@ -491,6 +491,13 @@ impl StateDict {
         &self.metadata
     }
 
+    /// Names the file an in-memory state dict came from and gives it that file's metadata
+    /// (errors then name the file).
+    pub fn set_origin(&mut self, path: &str, metadata: BTreeMap<String, String>) {
+        self.path = path.to_string();
+        self.metadata = metadata;
+    }
+
     /// What has been loaded (or, in check-only mode, matched) so far.
     pub fn report(&self) -> &LoadReport {
         &self.report

@@ -18,7 +18,9 @@ fn fixture_root() -> PathBuf {
 
 fn gunzip(path: &Path) -> Vec<u8> {
     let mut out = Vec::new();
-    flate2::read::GzDecoder::new(fs::File::open(path).unwrap()).read_to_end(&mut out).unwrap();
+    flate2::read::GzDecoder::new(fs::File::open(path).unwrap())
+        .read_to_end(&mut out)
+        .unwrap();
     out
 }
 
@@ -49,7 +51,11 @@ fn cases(folder: &str) -> Vec<Case> {
     let text = fs::read_to_string(fixture_root().join("expected.json")).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
     let ids = |v: &Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     v["cases"]
         .as_array()
@@ -58,7 +64,10 @@ fn cases(folder: &str) -> Vec<Case> {
         .map(|c| {
             // Where transformers' slow and fast names disagreed the fixture records both; SDXL
             // pipelines use `CLIPTokenizer` (the `folder` key). In transformers 5.x they agree.
-            Case { prompt: c["prompt"].as_str().unwrap().to_owned(), expected: ids(&c[folder]) }
+            Case {
+                prompt: c["prompt"].as_str().unwrap().to_owned(),
+                expected: ids(&c[folder]),
+            }
         })
         .collect()
 }
@@ -79,7 +88,10 @@ fn compare(tok: &ClipTokenizer, folder: &str) -> (usize, usize) {
             );
         }
     }
-    eprintln!("{folder}: {matched}/{} prompts match transformers exactly", cases.len());
+    eprintln!(
+        "{folder}: {matched}/{} prompts match transformers exactly",
+        cases.len()
+    );
     (matched, cases.len())
 }
 
@@ -100,7 +112,10 @@ fn tokenizer_matches_transformers() {
 fn tokenizer_2_matches_transformers() {
     let tmp = materialise();
     let tok = ClipTokenizer::from_dir(&tmp.path().join("tokenizer_2")).unwrap();
-    assert_eq!((tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()), (49406, 49407, 0, 77));
+    assert_eq!(
+        (tok.bos_id(), tok.eos_id(), tok.pad_id(), tok.max_length()),
+        (49406, 49407, 0, 77)
+    );
     let (matched, total) = compare(&tok, "tokenizer_2");
     assert_eq!(matched, total);
 }

@@ -1,9 +1,10 @@
 //! Atomic checkpoints with exact resume.
 //!
 //! A checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding
-//! * `adapter.safetensors`: the trainable weights in the export layout,
-//! * `optimizer.safetensors`: AdamW moments by parameter key (`exp_avg.<key>`, `exp_avg_sq.<key>`),
-//! * `state.json`: step, optimizer step count, loader position, failure counters, seed,
+//! * `adapter.safetensors`: the trainable weights in the export layout, with the adapter's
+//!   architecture in the metadata (an export like any other),
+//! * `optimizer.safetensors`: the optimizer's own state (it saves and restores itself),
+//! * `state.json`: step, loader position, failure counters, seed,
 //! * `COMPLETE`: SHA-256 of each file above, written last.
 //!
 //! It is written into a temporary folder, every file fsynced, then renamed into place, so a
@@ -20,17 +21,16 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use troupe_data::loader::LoaderState;
-use troupe_models::weights::{StateDict, to_host, write_safetensors};
+use troupe_models::adapter::Adapter;
+use troupe_models::adapter_file::{AdapterFile, AdapterFormat, ExportDType, write_adapter};
 
-use crate::optim::{AdamW, Moments};
+use crate::optim::{AdamW, AdamWConfig};
 
 /// What `state.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
-    /// Optimizer steps completed.
+    /// Training steps completed (optimizer updates plus skipped non-finite steps).
     pub step: u64,
-    /// AdamW's step count (equals `step` minus skipped steps).
-    pub optimizer_steps: u64,
     /// Loader position after the last consumed batch.
     pub loader: LoaderState,
     /// Non-finite steps skipped so far.
@@ -61,9 +61,11 @@ pub fn checkpoint_dir(run_dir: &Path, step: u64) -> PathBuf {
 }
 
 /// Writes a checkpoint atomically, then deletes all but the newest `keep_last` complete ones.
+/// `metadata` goes into the adapter file (see [`Adapter::metadata`]).
 pub fn save(
     run_dir: &Path,
-    adapter: Vec<(String, troupe_pt::Tensor)>,
+    adapter: &Adapter,
+    metadata: std::collections::HashMap<String, String>,
     optimizer: &AdamW,
     state: &TrainState,
     keep_last: usize,
@@ -76,13 +78,14 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir(&tmp)?;
-    write_safetensors(&tmp.join("adapter.safetensors"), &adapter, None)?;
-    let mut moments = Vec::new();
-    for (key, Moments { m, v }) in &optimizer.state {
-        moments.push((format!("exp_avg.{key}"), to_host(m.clone())));
-        moments.push((format!("exp_avg_sq.{key}"), to_host(v.clone())));
-    }
-    write_safetensors(&tmp.join("optimizer.safetensors"), &moments, None)?;
+    write_adapter(
+        &tmp.join("adapter.safetensors"),
+        &adapter.tensors(),
+        AdapterFormat::Safetensors,
+        ExportDType::F32,
+        metadata,
+    )?;
+    optimizer.save(&tmp.join("optimizer.safetensors"))?;
     let json = serde_json::to_vec_pretty(state)?;
     write_synced(&tmp.join("state.json"), &json)?;
     let mut complete = String::new();
@@ -162,18 +165,22 @@ pub struct Loaded {
     pub dir: PathBuf,
     /// `state.json`.
     pub state: TrainState,
-    /// The adapter weights.
-    pub adapter: StateDict,
-    /// AdamW moments by key, flattened.
-    pub moments: BTreeMap<String, Moments>,
+    /// The adapter file.
+    pub adapter: AdapterFile,
+    /// The optimizer as saved.
+    pub optimizer: AdamW,
 }
 
 /// Loads the newest checkpoint that verifies; the newer ones that do not are reported in
 /// `rejected` (folder and reason), never loaded.
-pub fn load_latest(run_dir: &Path, device: &Device) -> Result<(Option<Loaded>, Vec<String>)> {
+pub fn load_latest(
+    run_dir: &Path,
+    adamw: AdamWConfig,
+    device: &Device,
+) -> Result<(Option<Loaded>, Vec<String>)> {
     let mut rejected = Vec::new();
     for (_, dir) in list(run_dir)?.into_iter().rev() {
-        match verify(&dir).and_then(|()| read(&dir, device)) {
+        match verify(&dir).and_then(|()| read(&dir, adamw, device)) {
             Ok(l) => return Ok((Some(l), rejected)),
             Err(e) => rejected.push(format!("{e:#}")),
         }
@@ -181,24 +188,38 @@ pub fn load_latest(run_dir: &Path, device: &Device) -> Result<(Option<Loaded>, V
     Ok((None, rejected))
 }
 
-fn read(dir: &Path, device: &Device) -> Result<Loaded> {
+fn read(dir: &Path, adamw: AdamWConfig, device: &Device) -> Result<Loaded> {
     let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)
         .with_context(|| format!("{}: state.json", dir.display()))?;
-    let adapter = StateDict::from_file(dir.join("adapter.safetensors"))?;
-    let mut opt = StateDict::from_file(dir.join("optimizer.safetensors"))?;
-    let mut moments = BTreeMap::new();
-    for key in opt.keys() {
-        if let Some(name) = key.strip_prefix("exp_avg.") {
-            let inner = device.clone().inner();
-            let m = opt.take_any::<1>(&key, &inner)?;
-            let v = opt.take_any::<1>(&format!("exp_avg_sq.{name}"), &inner)?;
-            moments.insert(name.to_string(), Moments { m, v });
-        }
-    }
+    let adapter = AdapterFile::read(&dir.join("adapter.safetensors"))?;
+    let optimizer = AdamW::load(adamw, &dir.join("optimizer.safetensors"), device)?;
     Ok(Loaded {
         dir: dir.to_path_buf(),
         state,
         adapter,
-        moments,
+        optimizer,
     })
+}
+
+/// The adapter file a run or checkpoint folder stands for: a file as it is, a checkpoint
+/// folder once verified, a run folder's newest complete checkpoint (newer incomplete ones are
+/// reported in `skipped`).
+pub fn adapter_file(source: &Path, skipped: &mut Vec<String>) -> Result<PathBuf> {
+    if source.is_file() {
+        return Ok(source.to_path_buf());
+    }
+    if source.join("adapter.safetensors").is_file() && source.join("COMPLETE").is_file() {
+        verify(source)?;
+        return Ok(source.join("adapter.safetensors"));
+    }
+    if source.is_dir() {
+        for (_, dir) in list(source)?.into_iter().rev() {
+            match verify(&dir) {
+                Ok(()) => return Ok(dir.join("adapter.safetensors")),
+                Err(e) => skipped.push(format!("{e:#}")),
+            }
+        }
+        bail!("{}: no complete checkpoint", source.display());
+    }
+    bail!("{}: no such file or directory", source.display())
 }

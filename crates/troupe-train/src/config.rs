@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use troupe_models::adapter::AdapterSpec;
 
 use crate::objective::ObjectiveConfig;
 use crate::optim::{AdamWConfig, LrSchedule};
@@ -62,23 +63,44 @@ pub struct ModelConfig {
     pub max_characters: usize,
 }
 
+// Adapter defaults are defined once, by the spec of the released StoryMaker adapter.
 fn rank() -> usize {
-    128
+    AdapterSpec::default().lora_rank
 }
 fn depth() -> usize {
-    4
+    AdapterSpec::default().ppr.resampler_depth
 }
 fn dim_head() -> usize {
-    64
+    AdapterSpec::default().ppr.resampler_dim_head
 }
 fn num_tokens() -> usize {
-    4
+    AdapterSpec::default().ppr.num_tokens
 }
 fn num_queries() -> usize {
-    16
+    AdapterSpec::default().ppr.resampler_num_queries
 }
 fn max_characters() -> usize {
-    3
+    AdapterSpec::default().ppr.max_characters
+}
+
+impl ModelConfig {
+    /// The adapter these settings describe, for an image encoder of width `clip_dim` (the
+    /// UNet's processor count and cross-attention width are filled in by
+    /// [`AdapterSpec::for_unet`]).
+    pub fn adapter_spec(&self, clip_dim: usize) -> AdapterSpec {
+        let mut spec = AdapterSpec {
+            lora_rank: self.lora_rank,
+            ..AdapterSpec::default()
+        };
+        let p = &mut spec.ppr;
+        p.clip_embeddings_dim = clip_dim;
+        p.num_tokens = self.ppr_num_tokens;
+        p.resampler_depth = self.ppr_depth;
+        p.resampler_dim_head = self.ppr_dim_head;
+        p.resampler_num_queries = self.ppr_num_queries;
+        p.max_characters = self.max_characters;
+        spec
+    }
 }
 
 /// `[data]`.

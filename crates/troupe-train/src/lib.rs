@@ -1,22 +1,27 @@
-//! Adapter training for troupe: the StoryMaker objective, optimisation, checkpoints, export.
+//! Adapter training for troupe: the StoryMaker objective, optimisation, checkpoints.
 //!
 //! * [`config`]: the TOML run config (`--set` overrides, validation naming keys).
-//! * [`model`]: frozen SDXL parts, the trainable [`model::Adapter`], the training forward pass.
-//! * [`trainer`]: the step loop; [`checkpoint`]: atomic checkpoints with exact resume.
-//! * [`export`]: adapter files (safetensors with metadata, the reference `mask.bin`).
+//! * [`trainer`]: the step loop, read top to bottom; [`records`]: metrics lines, TensorBoard
+//!   events and the progress bar.
+//! * [`objective`]: one micro-batch — conditioning (shared with generation, in
+//!   `troupe-diffusion`), noising, the UNet with the adapter, loss assembly; [`losses`]: the
+//!   StoryMaker losses (region-weighted noise MSE, attention-map loss).
+//! * [`optim`]: AdamW keyed by parameter name (saves and restores itself), global-norm
+//!   clipping, learning-rate schedules.
+//! * [`checkpoint`]: atomic checkpoints with exact resume.
+//! * [`pretrained`]: initialisation from the public IP-Adapter checkpoints.
 //! * [`device`]: `train.device` → a burn device (`cpu`; `cuda`/`vulkan` behind cargo features).
-//! * [`ddpm`]: diffusers' DDPM forward process (noise schedule, targets, SNR weights).
-//! * [`objective`]: the StoryMaker losses (region-weighted noise MSE, attention-map loss).
 //! * [`tensorboard`]: scalar metrics as TensorBoard event files (next to `metrics.jsonl`).
-//! * [`optim`]: AdamW keyed by parameter name, global-norm clipping, learning-rate schedules.
+//!
+//! The adapter module and its files live in `troupe-models` (`adapter`, `adapter_file`).
 
 pub mod checkpoint;
 pub mod config;
-pub mod ddpm;
 pub mod device;
-pub mod export;
-pub mod model;
+pub mod losses;
 pub mod objective;
 pub mod optim;
+pub mod pretrained;
+pub mod records;
 pub mod tensorboard;
 pub mod trainer;

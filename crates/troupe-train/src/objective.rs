@@ -1,19 +1,19 @@
-//! StoryMaker's training losses (storymaker.md §5.2), written for batches of any size:
-//!
-//! * **noise MSE** with character regions up-weighted: `e = (pred − target)²`,
-//!   `e ← e + w·e·M` with `M = clamp(Σᵢ maskᵢ, 0, 1)` where the image was not dropped, then the
-//!   mean over everything (optionally min-SNR weighted per sample);
-//! * **attention loss**: for the chosen cross-attention layers, each layer's image-attention
-//!   probabilities `(B, N_ip, hw)` are upsampled ×2 (bilinear) to the mask resolution (masks
-//!   are downsampled ×½ from the latent size), summed over each slot's tokens (background slot 0,
-//!   character slot 1+i), averaged over layers, and compared with the character masks and the
-//!   background `1 − clamp(Σᵢ maskᵢ, 0, 1)` by MSE: `(Σᵢ mseᵢ + mse_bg) / N` per image with
-//!   N characters, then the batch mean.
+//! The training objective of one micro-batch: conditioning (shared with generation,
+//! `troupe_diffusion::conditioning`) → VAE latents → DDPM noising → the UNet with the adapter
+//! → the StoryMaker losses ([`crate::losses`]). Randomness comes in from the caller
+//! ([`StepNoise`]), so a step is a pure function of (weights, batch, noise).
 
 use burn::prelude::*;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serde::{Deserialize, Serialize};
+use troupe_data::loader::Batch;
+use troupe_data::rng::KeyedRng;
+use troupe_diffusion::conditioning::{Encoders, host};
+use troupe_diffusion::schedule::Prediction;
+use troupe_models::adapter::Adapter;
+use troupe_models::attention::{AdapterScales, AttnContext};
+use troupe_models::unet::UNetInput;
+
+use crate::losses::{attention_loss, character_region, noise_loss};
 
 /// Loss weights and dropout rates; defaults are the reference recipe.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,110 +91,174 @@ impl Default for ObjectiveConfig {
     }
 }
 
-/// `clamp(Σᵢ maskᵢ, 0, 1)`: `masks [B, C, h, w]` → `[B, 1, h, w]`.
-pub fn character_region(masks: Tensor<4>) -> Tensor<4> {
-    masks.sum_dim(1).clamp(0.0, 1.0)
+/// Host-side randomness of one micro-step (drawn from the run's keyed generator).
+pub struct StepNoise {
+    /// Timestep per sample.
+    pub timesteps: Vec<usize>,
+    /// Diffusion noise `[B, C, h, w]` (offset noise included).
+    pub noise: Vec<f32>,
+    /// VAE posterior sample noise `[B, C, h, w]`.
+    pub vae_noise: Vec<f32>,
+    /// PPR group dropout coins per sample: (drop face tokens, drop body tokens).
+    pub token_drop: Vec<(bool, bool)>,
 }
 
-/// Noise-prediction loss. `pred`, `target`: `[B, 4, h, w]`; `region`: `[B, 1, h, w]`
-/// ([`character_region`]); `keep [B]`: 1 where the image conditioning was kept (up-weighting
-/// applies), 0 where dropped; `sample_weight [B]`: min-SNR weights or ones.
-pub fn noise_loss(
-    pred: Tensor<4>,
-    target: Tensor<4>,
-    region: Tensor<4>,
-    keep: Tensor<1>,
-    sample_weight: Tensor<1>,
-    mask_loss_weight: f64,
-) -> Tensor<1> {
-    let [b, c, h, w] = pred.dims();
-    let e = (pred - target).square(); // [B, 4, h, w]
-    let up = region
-        .mul(keep.reshape([b, 1, 1, 1]))
-        .mul_scalar(mask_loss_weight); // [B, 1, h, w]
-    let e = e.clone() + e * up; // e + w·e·M
-    let per_sample = e.reshape([b, c * h * w]).mean_dim(1).reshape([b]); // [B]
-    (per_sample * sample_weight).mean()
-}
-
-/// Attention-map loss over recorded layers.
-///
-/// `layers`: each `(B, N_ip, hw)` with the spatial size `(lh, lw)` of that layer; `masks
-/// [B, C, H, W]` at latent resolution; `characters[b]` real characters of sample `b`;
-/// `tokens_per_slot` tokens per slot (background slot first). Returns a scalar.
-pub fn attention_loss(
-    layers: &[Tensor<3>],
-    layer_size: [usize; 2],
-    masks: Tensor<4>,
-    characters: &[usize],
-    tokens_per_slot: usize,
-) -> Tensor<1> {
-    let device = masks.device();
-    let [b, c, _, _] = masks.dims();
-    let [lh, lw] = layer_size;
-    let target_size = [2 * lh, 2 * lw];
-    // Masks ×½ of the latent, as the reference (bilinear, half-pixel centres).
-    let masks = interpolate(
-        masks,
-        InterpolateOptions::new(InterpolateMode::Bilinear)
-            .with_align_corners(false)
-            .with_output_size(target_size),
-    ); // [B, C, 2lh, 2lw]
-    let slots = 1 + c;
-    let mut sum: Option<Tensor<4>> = None;
-    for probs in layers {
-        let [_, n_ip, _] = probs.dims();
-        let p = probs.clone().reshape([b, n_ip, lh, lw]);
-        let p = interpolate(
-            p,
-            InterpolateOptions::new(InterpolateMode::Bilinear)
-                .with_align_corners(false)
-                .with_output_size(target_size),
-        ); // [B, N_ip, 2lh, 2lw]
-        // Sum over each slot's tokens; samples with fewer characters have fewer slots, so pad.
-        let have = n_ip / tokens_per_slot;
-        let per_slot = p
-            .reshape([b, have, tokens_per_slot, target_size[0], target_size[1]])
-            .sum_dim(2)
-            .reshape([b, have, target_size[0], target_size[1]]); // [B, slots', 2lh, 2lw]
-        let per_slot = if have < slots {
-            let pad = Tensor::zeros([b, slots - have, target_size[0], target_size[1]], &device);
-            Tensor::cat(vec![per_slot, pad], 1)
-        } else {
-            per_slot.narrow(1, 0, slots)
-        };
-        sum = Some(match sum {
-            Some(s) => s + per_slot,
-            None => per_slot,
-        });
-    }
-    let Some(sum) = sum else {
-        return Tensor::zeros([1], &device);
-    };
-    let maps = sum.div_scalar(layers.len() as f64); // [B, 1+C, 2lh, 2lw]
-    let bg_target = masks
-        .clone()
-        .sum_dim(1)
-        .clamp(0.0, 1.0)
-        .neg()
-        .add_scalar(1.0); // [B, 1, ..]
-    let targets = Tensor::cat(vec![bg_target, masks], 1); // [B, 1+C, ..]
-    // Per-slot MSE; only the background and real characters count.
-    let hw = (target_size[0] * target_size[1]) as f64;
-    let mse = (maps - targets)
-        .square()
-        .reshape([b, slots, target_size[0] * target_size[1]])
-        .sum_dim(2)
-        .div_scalar(hw)
-        .reshape([b, slots]); // [B, 1+C]
-    // Reference: (Σᵢ mseᵢ + mse_bg) / N per image (N characters), then the batch mean.
-    let mut weight = vec![0f32; b * slots];
-    for (i, &n) in characters.iter().enumerate() {
-        let n = n.min(c);
-        for s in 0..=n {
-            weight[i * slots + s] = 1.0 / n.max(1) as f32;
+impl StepNoise {
+    /// Draws a micro-step's randomness for `b` samples of latent shape `[c, h, w]` from `rng`
+    /// (timesteps uniform over the `steps` training timesteps).
+    pub fn draw(
+        rng: &mut KeyedRng,
+        config: &ObjectiveConfig,
+        steps: usize,
+        b: usize,
+        [c, h, w]: [usize; 3],
+    ) -> Self {
+        let timesteps = (0..b).map(|_| rng.below(steps as u64) as usize).collect();
+        let mut noise = rng.normals(b * c * h * w);
+        let offset = rng.normals(b * c);
+        for (i, n) in noise.iter_mut().enumerate() {
+            *n += (config.noise_offset as f32) * offset[i / (h * w)];
+        }
+        let vae_noise = rng.normals(b * c * h * w);
+        let token_drop = (0..b)
+            .map(|_| {
+                (
+                    rng.uniform() < config.drop_face_tokens,
+                    rng.uniform() < config.drop_body_tokens,
+                )
+            })
+            .collect();
+        Self {
+            timesteps,
+            noise,
+            vae_noise,
+            token_drop,
         }
     }
-    let weight = Tensor::<2>::from_data(TensorData::new(weight, [b, slots]), &device);
-    (mse * weight).sum().div_scalar(b as f64)
+}
+
+/// Loss terms of one micro-step.
+#[derive(Debug, Clone)]
+pub struct Losses {
+    /// `noise + λ·attention` (the backpropagated scalar).
+    pub total: Tensor<1>,
+    /// Region-weighted noise MSE.
+    pub noise: Tensor<1>,
+    /// Attention-map loss (0 when disabled).
+    pub attention: Tensor<1>,
+}
+
+/// Processor indices whose image-attention maps the attention loss reads.
+fn recorded_layers(adapter: &Adapter, obj: &ObjectiveConfig) -> Vec<usize> {
+    if obj.attn_loss_weight <= 0.0 {
+        return Vec::new();
+    }
+    adapter
+        .unet
+        .processors()
+        .into_iter()
+        .filter(|p| {
+            p.cross_attention_dim.is_some() && p.latent_downscale == obj.attn_latent_downscale
+        })
+        .map(|p| p.index)
+        .collect()
+}
+
+/// The reference training forward pass on one batch; returns the losses.
+pub fn forward(
+    encoders: &Encoders,
+    adapter: &Adapter,
+    batch: &Batch,
+    rnd: &StepNoise,
+    obj: &ObjectiveConfig,
+    device: &Device,
+) -> Result<Losses, troupe_diffusion::DiffusionError> {
+    let b = batch.len();
+    let (h, w) = (batch.height as usize, batch.width as usize);
+    let cond = encoders.condition_batch(&adapter.ppr, batch, &rnd.token_drop, device)?;
+
+    // Latents: VAE posterior sample × scaling (frozen, no graph).
+    let pixels = host(batch.pixels.clone(), [b, 3, h, w], device);
+    let f = encoders.vae.downscale_factor();
+    let [lc, lh, lw] = [encoders.vae.latent_channels(), h / f, w / f];
+    let latents =
+        encoders.encode_latents(pixels, host(rnd.vae_noise.clone(), [b, lc, lh, lw], device));
+
+    // Forward diffusion.
+    let schedule = &encoders.schedule;
+    let coef: Vec<(f32, f32)> = rnd
+        .timesteps
+        .iter()
+        .map(|&t| schedule.coefficients(t))
+        .collect();
+    let sa = host(coef.iter().map(|c| c.0).collect(), [b, 1, 1, 1], device);
+    let sn = host(coef.iter().map(|c| c.1).collect(), [b, 1, 1, 1], device);
+    let noise = host(rnd.noise.clone(), [b, lc, lh, lw], device);
+    let noisy = latents.clone() * sa.clone() + noise.clone() * sn.clone();
+    let target = match schedule.prediction {
+        Prediction::Epsilon => noise,
+        Prediction::VPrediction => noise * sa - latents * sn,
+    };
+
+    let ctx = AttnContext {
+        scales: AdapterScales::default(),
+        record: recorded_layers(adapter, obj),
+        ip_bias: cond.ip_bias,
+    };
+    let timesteps = host(
+        rnd.timesteps.iter().map(|&t| t as f32).collect(),
+        [b],
+        device,
+    );
+    let out = adapter.unet.forward(
+        UNetInput {
+            sample: noisy,
+            timestep: timesteps,
+            encoder_hidden_states: cond.context,
+            text_embeds: Some(cond.pooled),
+            time_ids: Some(cond.time_ids),
+        },
+        &ctx,
+    );
+
+    let c = batch.max_characters;
+    let masks = host(batch.masks.clone(), [b, c, lh, lw], device);
+    let keep: Vec<f32> = batch
+        .drop_image
+        .iter()
+        .map(|&d| if d { 0.0 } else { 1.0 })
+        .collect();
+    let weights: Vec<f32> = match obj.snr_gamma {
+        Some(g) => rnd
+            .timesteps
+            .iter()
+            .map(|&t| schedule.min_snr_weight(t, g as f32))
+            .collect(),
+        None => vec![1.0; b],
+    };
+    let noise_term = noise_loss(
+        out.sample,
+        target,
+        character_region(masks.clone()),
+        host(keep, [b], device),
+        host(weights, [b], device),
+        obj.mask_loss_weight,
+    );
+    let attention = if out.attn_probs.is_empty() {
+        Tensor::zeros([1], device)
+    } else {
+        let mut size = [lh, lw];
+        for _ in 0..obj.attn_latent_downscale.trailing_zeros() {
+            size = [size[0].div_ceil(2), size[1].div_ceil(2)];
+        }
+        let per_slot = adapter.spec.ppr.tokens_per_slot();
+        let layers: Vec<Tensor<3>> = out.attn_probs.into_iter().map(|p| p.probs).collect();
+        attention_loss(&layers, size, masks, &batch.num_characters, per_slot)
+    };
+    let total = noise_term.clone() + attention.clone().mul_scalar(obj.attn_loss_weight);
+    Ok(Losses {
+        total,
+        noise: noise_term,
+        attention,
+    })
 }

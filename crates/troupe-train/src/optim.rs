@@ -6,11 +6,13 @@
 //! (fresh modules, fresh ids) could not find its moments; and its clipping is per tensor.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
+use troupe_models::weights::{StateDict, WeightError, to_host, write_safetensors};
 
 /// AdamW hyper-parameters (PyTorch's `torch.optim.AdamW` semantics).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -63,18 +65,21 @@ pub struct Moments {
     pub v: Tensor<1>,
 }
 
-/// Trainable parameters: PyTorch key and learning-rate group of each id.
+/// Trainable parameters: PyTorch key and learning-rate group (by name) of each id.
 #[derive(Debug, Clone, Default)]
 pub struct ParamNames {
-    /// id → (key, group index).
-    pub by_id: HashMap<ParamId, (String, usize)>,
+    /// id → (key, group name).
+    pub by_id: HashMap<ParamId, (String, String)>,
 }
 
+/// Learning rate of each parameter group, by group name.
+pub type LearningRates = BTreeMap<String, f64>;
+
 impl ParamNames {
-    /// Adds `(key, id)` pairs (from `StateDict::namer`) to `group`.
-    pub fn add(&mut self, names: Vec<(String, ParamId)>, group: usize) {
+    /// Adds `(key, id)` pairs (from `StateDict::namer`) to the group named `group`.
+    pub fn add(&mut self, names: Vec<(String, ParamId)>, group: &str) {
         for (key, id) in names {
-            self.by_id.insert(id, (key, group));
+            self.by_id.insert(id, (key, group.to_string()));
         }
     }
 
@@ -88,6 +93,9 @@ impl ParamNames {
         self.by_id.is_empty()
     }
 }
+
+/// Metadata key of the saved step count.
+const STEP_METADATA: &str = "step";
 
 /// AdamW whose state is keyed by parameter name.
 #[derive(Debug, Clone)]
@@ -110,14 +118,52 @@ impl AdamW {
         }
     }
 
+    /// Saves the step count and the moments by parameter key (`exp_avg.<key>`,
+    /// `exp_avg_sq.<key>`, flattened) as a safetensors file.
+    pub fn save(&self, path: &Path) -> Result<(), WeightError> {
+        let mut tensors = Vec::with_capacity(2 * self.state.len());
+        for (key, Moments { m, v }) in &self.state {
+            tensors.push((format!("exp_avg.{key}"), to_host(m.clone())));
+            tensors.push((format!("exp_avg_sq.{key}"), to_host(v.clone())));
+        }
+        let meta = HashMap::from([(STEP_METADATA.to_string(), self.step.to_string())]);
+        write_safetensors(path, &tensors, Some(meta))
+    }
+
+    /// Restores what [`Self::save`] wrote, onto `device` (the inner, non-autodiff device).
+    pub fn load(config: AdamWConfig, path: &Path, device: &Device) -> Result<Self, WeightError> {
+        let mut sd = StateDict::from_file(path)?;
+        let step = sd
+            .metadata()
+            .get(STEP_METADATA)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| WeightError::Format {
+                path: path.display().to_string(),
+                message: format!("no `{STEP_METADATA}` in the metadata"),
+            })?;
+        let mut state = BTreeMap::new();
+        for key in sd.keys() {
+            if let Some(name) = key.strip_prefix("exp_avg.") {
+                let m = sd.take_any::<1>(&key, device)?;
+                let v = sd.take_any::<1>(&format!("exp_avg_sq.{name}"), device)?;
+                state.insert(name.to_string(), Moments { m, v });
+            }
+        }
+        Ok(Self {
+            config,
+            step,
+            state,
+        })
+    }
+
     /// Applies one update to every named parameter of `module` that has a gradient, with the
-    /// learning rate of its group (`lrs[group]`).
+    /// learning rate of its group (`lrs[group name]`).
     pub fn step<M: Module>(
         &mut self,
         module: M,
         names: &ParamNames,
         grads: &mut GradientsParams,
-        lrs: &[f64],
+        lrs: &LearningRates,
     ) -> M {
         self.step += 1;
         let mut mapper = AdamWMapper {
@@ -134,7 +180,7 @@ struct AdamWMapper<'a> {
     opt: &'a mut AdamW,
     names: &'a ParamNames,
     grads: &'a mut GradientsParams,
-    lrs: &'a [f64],
+    lrs: &'a LearningRates,
 }
 
 impl ModuleMapper for AdamWMapper<'_> {
@@ -151,7 +197,10 @@ impl ModuleMapper for AdamWMapper<'_> {
         let p = tensor.inner().flatten::<1>(0, D - 1); // [N]
         let g = grad.flatten::<1>(0, D - 1); // [N]
         let c = self.opt.config;
-        let lr = self.lrs[*group];
+        let lr = *self
+            .lrs
+            .get(group)
+            .unwrap_or_else(|| panic!("no learning rate for parameter group `{group}`"));
         let t = self.opt.step as i32;
         let (m, v) = match self.opt.state.remove(key) {
             Some(s) => (

@@ -1,4 +1,4 @@
-//! A minimal TensorBoard event-file writer for scalar metrics
+//! A minimal TensorBoard event-file writer for scalar metrics and PNG images
 //! (`events.out.tfevents.<time>.<host>` in the run directory, read by `tensorboard --logdir`).
 //!
 //! The format is TFRecord: each record is `len (u64 LE) | masked crc32c(len) | data |
@@ -111,6 +111,39 @@ impl EventWriter {
                 value.extend_from_slice(&(*v as f32).to_le_bytes());
                 field_bytes(1, &value, &mut summary);
             }
+            field_bytes(5, &summary, e);
+        });
+        self.record(&e)?;
+        self.out.flush()
+    }
+
+    /// Writes an encoded PNG (`width` × `height`, RGB) as the image summary `tag` at `step`.
+    pub fn image(
+        &mut self,
+        step: u64,
+        tag: &str,
+        png: &[u8],
+        width: u32,
+        height: u32,
+    ) -> std::io::Result<()> {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        let e = event(wall, step as i64, |e| {
+            // Summary.Image { height = 1, width = 2, colorspace = 3 (varints), encoded = 4 }
+            let mut image = Vec::new();
+            for (field, v) in [(1u64, height as u64), (2, width as u64), (3, 3)] {
+                varint(field << 3, &mut image);
+                varint(v, &mut image);
+            }
+            field_bytes(4, png, &mut image);
+            // Summary.Value { tag = 1, image = 4 }
+            let mut value = Vec::new();
+            field_bytes(1, tag.as_bytes(), &mut value);
+            field_bytes(4, &image, &mut value);
+            let mut summary = Vec::new();
+            field_bytes(1, &value, &mut summary);
             field_bytes(5, &summary, e);
         });
         self.record(&e)?;

@@ -3,7 +3,7 @@
 
 use burn::prelude::*;
 use troupe_models::weights::StateDict;
-use troupe_train::objective::{attention_loss, character_region, noise_loss};
+use troupe_train::losses::{attention_loss, character_region, noise_loss};
 
 #[test]
 fn losses_match_the_reference() {

@@ -32,7 +32,7 @@ fn adamw_matches_pytorch() {
     let device = Device::flex();
     let mut l = linear_with(&floats(&fx["init"]), &device);
     let mut names = ParamNames::default();
-    names.add(vec![("weight".into(), l.weight.id)], 0);
+    names.add(vec![("weight".into(), l.weight.id)], "g");
     let mut opt = AdamW::new(AdamWConfig::default());
     for (i, step) in fx["steps"].as_array().unwrap().iter().enumerate() {
         let mut grads = GradientsParams::new();
@@ -40,7 +40,8 @@ fn adamw_matches_pytorch() {
             l.weight.id,
             Tensor::<2>::from_data(TensorData::new(floats(&step["grad"]), [3, 4]), &device),
         );
-        l = opt.step(l, &names, &mut grads, &[step["lr"].as_f64().unwrap()]);
+        let lrs = [("g".to_string(), step["lr"].as_f64().unwrap())].into();
+        l = opt.step(l, &names, &mut grads, &lrs);
         let got = l.weight.val().into_data().try_to_vec::<f32>().unwrap();
         let want = floats(&step["param"]);
         let err = got
@@ -59,7 +60,7 @@ fn global_norm_clipping_scales_all_gradients_together() {
     let device = Device::flex();
     let a = linear_with(&[0.0; 12], &device);
     let mut names = ParamNames::default();
-    names.add(vec![("weight".into(), a.weight.id)], 0);
+    names.add(vec![("weight".into(), a.weight.id)], "g");
     let mut grads = GradientsParams::new();
     // 12 entries of 1.0: norm √12 ≈ 3.46.
     grads.register(a.weight.id, Tensor::<2>::ones([3, 4], &device));

@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 
 use burn::prelude::*;
+use troupe_models::adapter::{Adapter, AdapterSpec};
+use troupe_models::adapter_file::{AdapterFormat, ExportDType, write_adapter};
 use troupe_models::ppr::FaceIdPlusConfig;
 use troupe_models::unet::UNet2DConditionConfig;
 use troupe_pt::{Tensor, Value};
-use troupe_train::export::{ExportDType, Format, write_adapter};
-use troupe_train::model::{fresh_adapter, init_from_pretrained};
+use troupe_train::pretrained::init_from_pretrained;
 
-fn tiny(seed: u64) -> troupe_train::model::Adapter {
+fn tiny(seed: u64) -> Adapter {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../configs/tiny-sdxl/unet/config.json"
@@ -20,7 +21,12 @@ fn tiny(seed: u64) -> troupe_train::model::Adapter {
         .with_clip_embeddings_dim(24)
         .with_resampler_dim_head(8)
         .with_resampler_depth(1);
-    fresh_adapter(&config, 8, &ppr, seed, &Device::flex()).unwrap()
+    let spec = AdapterSpec {
+        lora_rank: 8,
+        ppr,
+        ..AdapterSpec::default()
+    };
+    Adapter::fresh(&config, spec, seed, &Device::flex()).unwrap()
 }
 
 fn get<'a>(t: &'a [(String, Tensor)], k: &str) -> &'a Tensor {
@@ -71,7 +77,7 @@ fn faceid_plus_v2_and_ip_plus_checkpoints_map_as_the_reference() {
     write_adapter(
         &plus,
         &plus_tensors,
-        Format::Safetensors,
+        AdapterFormat::Safetensors,
         ExportDType::F32,
         HashMap::new(),
     )

@@ -41,8 +41,8 @@ pub use morph::{
     dilate_rect_roi, gaussian_blur_5x5, gaussian_blur_5x5_roi, in_range_rgb, nonzero_bbox,
 };
 pub use resize::{
-    Filter, PassOrder, Resizer, resize_mask_bilinear,
-    resize_mask_bilinear_u8, resize_rgb, resize_rgb_cached,
+    Filter, PassOrder, Resizer, resize_mask_bilinear, resize_mask_bilinear_u8, resize_rgb,
+    resize_rgb_cached,
 };
 
 /// Errors of the image operations (only the operations that can meaningfully fail return it).

@@ -1,7 +1,7 @@
 //! The DDPM schedule equals diffusers' `DDPMScheduler.alphas_cumprod` bit for bit.
 //! Fixture: `scripts/make_ddpm_fixtures.py`.
 
-use troupe_train::ddpm::{Ddpm, Prediction, SchedulerConfig};
+use troupe_diffusion::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 
 #[test]
 fn alphas_cumprod_match_diffusers_exactly() {
@@ -10,7 +10,7 @@ fn alphas_cumprod_match_diffusers_exactly() {
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     for (name, case) in all.as_object().unwrap() {
         let config: SchedulerConfig = serde_json::from_value(case["config"].clone()).unwrap();
-        let ddpm = Ddpm::new(&config).unwrap();
+        let ddpm = NoiseSchedule::new(&config).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["alphas_cumprod_bits"].clone()).unwrap();
         let got: Vec<u32> = ddpm.alphas_cumprod.iter().map(|a| a.to_bits()).collect();
         assert_eq!(got.len(), want.len(), "{name}");
@@ -30,7 +30,7 @@ fn alphas_cumprod_match_diffusers_exactly() {
 
 #[test]
 fn sdxl_defaults_and_min_snr_weights() {
-    let ddpm = Ddpm::new(&SchedulerConfig::sdxl()).unwrap();
+    let ddpm = NoiseSchedule::new(&SchedulerConfig::sdxl()).unwrap();
     assert_eq!(ddpm.steps(), 1000);
     assert_eq!(ddpm.prediction, Prediction::Epsilon);
     // High SNR at t = 0 is clipped to γ; at t = 999 SNR < γ, so the weight is 1.
@@ -43,7 +43,7 @@ fn sdxl_defaults_and_min_snr_weights() {
 fn unknown_schedule_is_named() {
     let mut c = SchedulerConfig::sdxl();
     c.beta_schedule = "squaredcos_cap_v2".into();
-    let err = Ddpm::new(&c).unwrap_err();
+    let err = NoiseSchedule::new(&c).unwrap_err();
     assert!(
         err.contains("beta_schedule") && err.contains("squaredcos_cap_v2"),
         "{err}"

@@ -1,6 +1,6 @@
-//! The DDPM forward process of diffusers' `DDPMScheduler`, read from the base model's
-//! `scheduler/scheduler_config.json`: noise schedule, `add_noise`, training targets
-//! (epsilon or v) and SNR for min-SNR weighting.
+//! The noise schedule shared by the forward process (training: `add_noise`, targets, SNR
+//! weights) and the reverse samplers (`crate::samplers`), read from the base model's
+//! `scheduler/scheduler_config.json` as diffusers' schedulers read it.
 //!
 //! The schedule is computed on the host in f32 with PyTorch's operation order (`linspace`,
 //! `cumprod`), so `alphas_cumprod` equals diffusers' bit for bit (checked by a test against
@@ -20,7 +20,9 @@ pub enum Prediction {
     VPrediction,
 }
 
-/// The `scheduler_config.json` fields the forward process uses.
+/// The `scheduler_config.json` fields of the noise schedule (defaults: diffusers'
+/// `DDPMScheduler`). The whole file is kept in [`SchedulerConfig::raw`]: each sampler reads its
+/// own fields from it with its own class defaults, as diffusers' `from_config` does.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SchedulerConfig {
     /// Diffusion steps (1000).
@@ -44,6 +46,9 @@ pub struct SchedulerConfig {
     /// Explicit β values (overrides the schedule).
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
+    /// Every field of the file, for the samplers' own settings.
+    #[serde(skip)]
+    pub raw: serde_json::Map<String, serde_json::Value>,
 }
 
 fn thousand() -> usize {
@@ -80,7 +85,23 @@ impl SchedulerConfig {
             message,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+        let raw: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        Self::from_map(raw).map_err(err)
+    }
+
+    /// Parses the fields of a `scheduler_config.json` object (keeping all of them in `raw`).
+    pub fn from_map(raw: serde_json::Map<String, serde_json::Value>) -> Result<Self, String> {
+        // `null` means "class default" in diffusers configs (e.g. `trained_betas: null`).
+        let set: serde_json::Map<String, serde_json::Value> = raw
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut config: Self =
+            serde_json::from_value(serde_json::Value::Object(set)).map_err(|e| e.to_string())?;
+        config.raw = raw;
+        Ok(config)
     }
 
     /// SDXL base's values (scaled_linear 0.00085 → 0.012, 1000 steps, epsilon).
@@ -93,6 +114,7 @@ impl SchedulerConfig {
             prediction_type: Prediction::Epsilon,
             rescale_betas_zero_snr: false,
             trained_betas: None,
+            raw: serde_json::Map::new(),
         }
     }
 }
@@ -129,16 +151,17 @@ fn cumprod(xs: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// The forward (noising) process.
+/// The noise schedule ᾱ_t and what the model predicts: the forward (noising) process of
+/// training and the basis of every sampler.
 #[derive(Debug, Clone)]
-pub struct Ddpm {
+pub struct NoiseSchedule {
     /// ᾱ_t for t = 0 … T−1.
     pub alphas_cumprod: Vec<f32>,
     /// Training target.
     pub prediction: Prediction,
 }
 
-impl Ddpm {
+impl NoiseSchedule {
     /// Builds the schedule; unknown schedule names are an error naming the field.
     pub fn new(config: &SchedulerConfig) -> Result<Self, String> {
         let n = config.num_train_timesteps;

@@ -1,0 +1,350 @@
+//! The StoryMaker generation pipeline (storymaker.md §4): diffusers'
+//! `StableDiffusionXLPipeline` plus the adapter. Everything the adapter does not touch —
+//! prompt encoding (with `force_zeros_for_empty_prompt`), time ids `(h, w, 0, 0, h, w)`,
+//! classifier-free guidance `u + g·(c − u)` with the unconditional branch first, the sampler
+//! loop, VAE decoding and post-processing — behaves as that pipeline does; the adapter adds
+//! the PPR tokens after the 77 text tokens (unconditional branch: the PPR on zero inputs) and
+//! the `ip_scale` / `lora_scale` of its processors.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::DType;
+use troupe_data::rng::{KeyedRng, Purpose};
+use troupe_models::adapter::Adapter;
+use troupe_models::adapter_file::AdapterFile;
+use troupe_models::attention::{AdapterScales, AttnContext};
+use troupe_models::unet::{UNet2DConditionModel, UNetInput};
+
+use crate::DiffusionError;
+use crate::conditioning::{CharacterFeatures, Encoders, host, image_tokens};
+use crate::reference::Reference;
+use crate::samplers::{self, SamplerKind};
+
+/// Settings of one generation call (defaults: the reference's `infer.py`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt; `None` gives zero negative text embeddings when the base model's
+    /// `force_zeros_for_empty_prompt` is set (SDXL's default), as diffusers does.
+    pub negative_prompt: Option<String>,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Sampler.
+    pub sampler: SamplerKind,
+    /// Classifier-free guidance scale (no guidance at ≤ 1, as diffusers).
+    pub guidance: f64,
+    /// Image-attention scale of the processors.
+    pub ip_scale: f64,
+    /// LoRA scale of the processors.
+    pub lora_scale: f64,
+    /// Image width in pixels (a multiple of the VAE factor).
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Images per call (one latent each).
+    pub num_images: usize,
+    /// Seed of the initial latents and any sampler noise.
+    pub seed: u64,
+}
+
+impl Settings {
+    /// The reference's settings for `prompt` at `width` × `height`: UniPC, 25 steps,
+    /// guidance 7.5, both scales 0.8, one image, seed 0.
+    pub fn new(prompt: &str, width: usize, height: usize) -> Self {
+        Self {
+            prompt: prompt.to_string(),
+            negative_prompt: None,
+            steps: 25,
+            sampler: SamplerKind::UniPc,
+            guidance: 7.5,
+            ip_scale: 0.8,
+            lora_scale: 0.8,
+            width,
+            height,
+            num_images: 1,
+            seed: 0,
+        }
+    }
+}
+
+/// Frozen SDXL components and an adapter, ready to generate.
+pub struct Pipeline {
+    /// Encoders, VAE and scheduler config.
+    pub encoders: Encoders,
+    /// The adapter on the base UNet.
+    pub adapter: Adapter,
+    /// Where everything lives.
+    pub device: Device,
+    /// Image side the base model was trained at (diffusers' default `height`/`width`): the
+    /// UNet config's `sample_size` × the VAE factor.
+    pub default_size: usize,
+}
+
+impl Pipeline {
+    /// Loads the base model (`base`: an SDXL diffusers folder), the CLIP image encoder and
+    /// `adapter` (its architecture from the file), checking that the adapter fits the UNet.
+    pub fn load(
+        base: &Path,
+        image_encoder: &Path,
+        adapter: &AdapterFile,
+        device: &Device,
+    ) -> Result<Self, DiffusionError> {
+        let encoders = Encoders::load(base, image_encoder, device)?;
+        let unet_dir = base.join("unet");
+        let (unet, _) = UNet2DConditionModel::from_dir(&unet_dir, device, Some(DType::F32))?;
+        let spec = adapter.spec()?;
+        let file = adapter.path.display().to_string();
+        let clip_dim = encoders.image_encoder.hidden_size();
+        if spec.ppr.clip_embeddings_dim != clip_dim {
+            return Err(DiffusionError::input(
+                &file,
+                "clip_embeddings_dim",
+                format!(
+                    "is {}, the image encoder's hidden size is {clip_dim}",
+                    spec.ppr.clip_embeddings_dim
+                ),
+            ));
+        }
+        let mut model = Adapter::attach(unet, spec, device)
+            .map_err(|e| DiffusionError::input(&file, "", e.message))?;
+        model.load_tensors(adapter.state_dict()?)?;
+        let config: serde_json::Value =
+            troupe_models::error::read_json_config(&unet_dir.join("config.json"))?;
+        let sample_size = config["sample_size"].as_u64().unwrap_or(128) as usize;
+        Ok(Self {
+            default_size: sample_size * encoders.vae.downscale_factor(),
+            encoders,
+            adapter: model,
+            device: device.clone(),
+        })
+    }
+
+    /// CLIP features of the references, in slot order.
+    pub fn characters(&self, refs: &[Reference]) -> Result<CharacterFeatures, DiffusionError> {
+        let max = self.adapter.spec.ppr.max_characters;
+        if refs.is_empty() || refs.len() > max {
+            return Err(DiffusionError::input(
+                "--reference",
+                "",
+                format!(
+                    "{} references given, the adapter takes 1 to {max}",
+                    refs.len()
+                ),
+            ));
+        }
+        let s = self.encoders.image_size;
+        let (mut body, mut face, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for r in refs {
+            let crops = r.crops(s as u32)?;
+            body.extend(crops.body);
+            face.extend(crops.face);
+            ids.extend_from_slice(&r.embedding);
+        }
+        let n = refs.len();
+        Ok(CharacterFeatures {
+            id_embeds: host(ids, [n, crate::reference::EMBEDDING_DIM], &self.device),
+            body: self.encoders.image_features(body, n, &self.device),
+            face: self.encoders.image_features(face, n, &self.device),
+            drop_face: false,
+            drop_body: false,
+        })
+    }
+
+    /// Checks `settings` before any work, naming the setting.
+    pub fn check(&self, settings: &Settings) -> Result<(), DiffusionError> {
+        let f = self.encoders.vae.downscale_factor();
+        for (name, v) in [("width", settings.width), ("height", settings.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(DiffusionError::input(
+                    &format!("--{name}"),
+                    "",
+                    format!("{v} is not a positive multiple of {f} (the VAE's factor)"),
+                ));
+            }
+        }
+        if settings.steps == 0 || settings.num_images == 0 {
+            return Err(DiffusionError::input(
+                "--steps/--num-images",
+                "",
+                "must be > 0",
+            ));
+        }
+        samplers::build(settings.sampler, &self.encoders.scheduler, settings.steps)?;
+        Ok(())
+    }
+
+    /// The seeded initial noise `[num_images, C, h, w]` (before `init_noise_sigma`).
+    pub fn initial_noise(&self, settings: &Settings) -> Tensor<4> {
+        let shape = self.latent_shape(settings);
+        let mut rng = KeyedRng::new(settings.seed, Purpose::Generate, 0, 0);
+        host(rng.normals(shape.iter().product()), shape, &self.device)
+    }
+
+    fn latent_shape(&self, settings: &Settings) -> [usize; 4] {
+        let f = self.encoders.vae.downscale_factor();
+        let c = self.encoders.vae.latent_channels();
+        [
+            settings.num_images,
+            c,
+            settings.height / f,
+            settings.width / f,
+        ]
+    }
+
+    /// Generates `settings.num_images` images for `characters`, from `latents` (diffusers'
+    /// `latents=`; the seeded noise when `None`). `on_step(i, latents)` sees the latents after
+    /// each sampler step. Returns images `[N, 3, H, W]` in [0, 1].
+    pub fn generate(
+        &self,
+        settings: &Settings,
+        characters: &CharacterFeatures,
+        latents: Option<Tensor<4>>,
+        on_step: &mut dyn FnMut(usize, &Tensor<4>),
+    ) -> Result<Tensor<4>, DiffusionError> {
+        self.check(settings)?;
+        let want = self.latent_shape(settings);
+        let latents = match latents {
+            Some(l) if l.dims() != want => {
+                return Err(DiffusionError::input(
+                    "--latents",
+                    "latents",
+                    format!("has shape {:?}, expected {want:?}", l.dims()),
+                ));
+            }
+            Some(l) => l,
+            None => self.initial_noise(settings),
+        };
+        let cond = self.conditioning(settings, characters)?;
+        let cfg = settings.guidance > 1.0;
+        let mut sampler =
+            samplers::build(settings.sampler, &self.encoders.scheduler, settings.steps)?;
+        let mut x = latents.mul_scalar(sampler.init_noise_sigma());
+        let mut rng = KeyedRng::new(settings.seed, Purpose::Generate, 1, 0);
+        let ctx = AttnContext {
+            scales: AdapterScales {
+                lora: settings.lora_scale,
+                ip: settings.ip_scale,
+                ..AdapterScales::default()
+            },
+            ..AttnContext::default()
+        };
+        let timesteps = sampler.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg {
+                Tensor::cat(vec![x.clone(), x.clone()], 0)
+            } else {
+                x.clone()
+            };
+            let input = sampler.scale_model_input(input, i);
+            let b = input.dims()[0];
+            let out = self.adapter.unet.forward(
+                UNetInput {
+                    sample: input,
+                    timestep: host(vec![t; b], [b], &self.device),
+                    encoder_hidden_states: cond.0.clone(),
+                    text_embeds: Some(cond.1.clone()),
+                    time_ids: Some(cond.2.clone()),
+                },
+                &ctx,
+            );
+            let pred = if cfg {
+                let n = settings.num_images;
+                let u = out.sample.clone().narrow(0, 0, n);
+                let c = out.sample.narrow(0, n, n);
+                u.clone() + (c - u).mul_scalar(settings.guidance)
+            } else {
+                out.sample
+            };
+            let shape = x.dims();
+            let device = self.device.clone();
+            let mut noise = || host(rng.normals(shape.iter().product()), shape, &device);
+            x = sampler.step(pred, i, x, &mut noise);
+            on_step(i, &x);
+        }
+        let image = self.encoders.decode_latents(x);
+        Ok(image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0))
+    }
+
+    /// `(context, pooled, time_ids)` of the UNet batch: with guidance `[uncond × N; cond × N]`
+    /// (diffusers' order), else `cond × N`.
+    fn conditioning(
+        &self,
+        settings: &Settings,
+        characters: &CharacterFeatures,
+    ) -> Result<(Tensor<3>, Tensor<2>, Tensor<2>), DiffusionError> {
+        let n = settings.num_images;
+        let d = &self.device;
+        let (text, pooled) = self
+            .encoders
+            .encode_prompts(&[settings.prompt.clone()], d)?;
+        let cfg = settings.guidance > 1.0;
+        let (mut texts, mut pooleds, mut images) = (vec![], vec![], vec![]);
+        if cfg {
+            let (neg, neg_pooled) = match &settings.negative_prompt {
+                None if self.encoders.force_zeros_for_empty_prompt => {
+                    (text.zeros_like(), pooled.zeros_like())
+                }
+                other => {
+                    let p = other.clone().unwrap_or_default();
+                    self.encoders.encode_prompts(&[p], d)?
+                }
+            };
+            texts.push(neg);
+            pooleds.push(neg_pooled);
+            images.push(characters.zeros_like());
+        }
+        texts.push(text);
+        pooleds.push(pooled);
+        images.push(characters.clone());
+        let (tokens, _) = image_tokens(&self.adapter.ppr, images, d);
+        let context = Tensor::cat(vec![Tensor::cat(texts, 0), tokens], 1); // [1|2, M, D]
+        let pooled = Tensor::cat(pooleds, 0);
+        let branches = context.dims()[0];
+        // Each branch repeated for every image: [b0 × n; b1 × n].
+        let repeat3 = |t: Tensor<3>| {
+            let [b, m, k] = t.dims();
+            t.unsqueeze_dim::<4>(1)
+                .expand([b, n, m, k])
+                .reshape([b * n, m, k])
+        };
+        let repeat2 = |t: Tensor<2>| {
+            let [b, k] = t.dims();
+            t.unsqueeze_dim::<3>(1)
+                .expand([b, n, k])
+                .reshape([b * n, k])
+        };
+        let (h, w) = (settings.height as f32, settings.width as f32);
+        let ids: Vec<f32> = (0..branches * n)
+            .flat_map(|_| [h, w, 0.0, 0.0, h, w])
+            .collect();
+        Ok((
+            repeat3(context),
+            repeat2(pooled),
+            host(ids, [branches * n, 6], d),
+        ))
+    }
+}
+
+/// `[N, 3, H, W]` in [0, 1] → 8-bit RGB images as diffusers' `numpy_to_pil` makes them:
+/// `(x · 255).round()` (half to even) in float32.
+pub fn to_rgb8(images: Tensor<4>) -> Vec<image::RgbImage> {
+    let [n, _, h, w] = images.dims();
+    let data: Vec<f32> = images
+        .permute([0, 2, 3, 1])
+        .cast(burn::tensor::FloatDType::F32)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("an f32 tensor reads back as f32");
+    (0..n)
+        .map(|i| {
+            let px: Vec<u8> = data[i * h * w * 3..(i + 1) * h * w * 3]
+                .iter()
+                .map(|&x| (x * 255.0).round_ties_even() as u8)
+                .collect();
+            image::RgbImage::from_raw(w as u32, h as u32, px).expect("sized buffer")
+        })
+        .collect()
+}

@@ -1,0 +1,252 @@
+//! The StoryMaker adapter as one module: the PPR (`image_proj_model`) and the attention
+//! processors (`ip_adapter.{i}`) attached to a frozen UNet, with its architecture
+//! ([`AdapterSpec`]).
+//!
+//! The spec is what a file needs to be rebuilt: it travels in every adapter file troupe writes
+//! (safetensors metadata, or a `troupe` entry in the torch zip that the reference loader
+//! ignores) and every reader uses it. Files without it (the released `mask.bin`, other
+//! tools' exports) have their spec inferred from tensor shapes, with StoryMaker's head width
+//! 64, which shapes cannot show.
+
+use burn::module::ParamId;
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::ppr::{DIM_HEAD_METADATA, FaceIdPlus, FaceIdPlusConfig};
+use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::weights::{StateDict, WeightError};
+
+/// Metadata key holding the [`AdapterSpec`] as JSON.
+pub const SPEC_METADATA: &str = "troupe.adapter";
+
+/// Parameter group of the PPR (`image_proj_model.*`).
+pub const GROUP_PPR: &str = "ppr";
+/// Parameter group of the attention processors (`ip_adapter.*`).
+pub const GROUP_PROCESSORS: &str = "processors";
+
+/// Everything that fixes an adapter's tensors: LoRA rank, PPR sizes and the base UNet's
+/// processor count. Defaults are StoryMaker SDXL's (the released `mask.bin`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSpec {
+    /// LoRA rank of every processor (128).
+    pub lora_rank: usize,
+    /// Attention processors of the base UNet, `ip_adapter.0 … n−1` (140 for SDXL).
+    pub processors: usize,
+    /// PPR sizes; `cross_attention_dim` is the base UNet's.
+    pub ppr: FaceIdPlusConfig,
+}
+
+impl Default for AdapterSpec {
+    fn default() -> Self {
+        Self {
+            lora_rank: 128,
+            processors: 140,
+            ppr: FaceIdPlusConfig::new(),
+        }
+    }
+}
+
+impl PartialEq for AdapterSpec {
+    fn eq(&self, other: &Self) -> bool {
+        serde_json::to_value(self).ok() == serde_json::to_value(other).ok()
+    }
+}
+
+impl AdapterSpec {
+    /// The spec of an adapter for `unet` (processor count and cross-attention width taken from
+    /// it; rank and PPR sizes from `self`).
+    pub fn for_unet(mut self, unet: &UNet2DConditionModel) -> Result<Self, ConfigError> {
+        let processors = unet.processors();
+        let cross = processors
+            .iter()
+            .find_map(|p| p.cross_attention_dim)
+            .ok_or_else(|| ConfigError::new("unet", "", "the UNet has no cross-attention"))?;
+        self.processors = processors.len();
+        self.ppr.cross_attention_dim = cross;
+        Ok(self)
+    }
+
+    /// The metadata entry that carries this spec.
+    pub fn metadata(&self) -> (String, String) {
+        let json = serde_json::to_string(self).expect("the spec serialises");
+        (SPEC_METADATA.to_string(), json)
+    }
+
+    /// The spec of the adapter in `sd` (keys `image_proj_model.*`, `ip_adapter.*`): from its
+    /// metadata when present, else inferred from the tensor shapes.
+    pub fn from_state_dict(sd: &StateDict) -> Result<Self, WeightError> {
+        let bad = |message: String| WeightError::Format {
+            path: sd.path().to_string(),
+            message,
+        };
+        if let Some(json) = sd.metadata().get(SPEC_METADATA) {
+            return serde_json::from_str(json)
+                .map_err(|e| bad(format!("metadata `{SPEC_METADATA}`: {e}")));
+        }
+        let probe = "ip_adapter.0.to_q_lora.down.weight";
+        let lora_rank = match sd.shape(probe) {
+            Some([r, _]) => *r,
+            _ => {
+                return Err(WeightError::MissingKey {
+                    path: sd.path().to_string(),
+                    key: probe.into(),
+                });
+            }
+        };
+        let processors = processor_count(&sd.keys());
+        let ppr = FaceIdPlusConfig::from_state_dict(sd, "image_proj_model")?;
+        Ok(Self {
+            lora_rank,
+            processors,
+            ppr,
+        })
+    }
+
+    /// Checks that an adapter of this spec fits `unet`; the message says what differs.
+    pub fn check_unet(&self, unet: &UNet2DConditionModel) -> Result<(), String> {
+        let want = self.clone().for_unet(unet).map_err(|e| e.to_string())?;
+        if want.processors != self.processors {
+            return Err(format!(
+                "the adapter has {} attention processors, the UNet has {}",
+                self.processors, want.processors
+            ));
+        }
+        if want.ppr.cross_attention_dim != self.ppr.cross_attention_dim {
+            return Err(format!(
+                "the adapter's cross-attention width is {}, the UNet's is {}",
+                self.ppr.cross_attention_dim, want.ppr.cross_attention_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Number of processors named in `keys` (`ip_adapter.{i}.…`): the largest index + 1.
+pub fn processor_count(keys: &[String]) -> usize {
+    keys.iter()
+        .filter_map(|k| {
+            k.strip_prefix("ip_adapter.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |m| m + 1)
+}
+
+/// The adapter: the PPR and the UNet whose attentions carry the processors. Only the PPR and
+/// the processors are trainable; the UNet's own weights are frozen (`no_grad`).
+#[derive(Module, Debug)]
+pub struct Adapter {
+    /// `image_proj_model`.
+    pub ppr: FaceIdPlus,
+    /// Frozen UNet with the processors attached.
+    pub unet: UNet2DConditionModel,
+    /// The architecture (written into every file).
+    #[module(skip)]
+    pub spec: AdapterSpec,
+}
+
+impl Adapter {
+    /// Attaches freshly initialised processors of `spec` to `unet` and builds a fresh PPR
+    /// (reference zero-inits), after checking that `spec` fits the UNet. Freeze the UNet
+    /// (`no_grad`) before, when it will be trained through.
+    pub fn attach(
+        mut unet: UNet2DConditionModel,
+        spec: AdapterSpec,
+        device: &Device,
+    ) -> Result<Self, ConfigError> {
+        spec.check_unet(&unet)
+            .map_err(|m| ConfigError::new("adapter", "", m))?;
+        unet.attach_adapter(spec.lora_rank, device);
+        Ok(Self {
+            ppr: spec.ppr.init(device),
+            unet,
+            spec,
+        })
+    }
+
+    /// A freshly initialised adapter of `spec` for any UNet config, seeded: the UNet's own
+    /// weights are never read or allocated (lazy parameters), only the processors and the PPR.
+    pub fn fresh(
+        unet_config: &UNet2DConditionConfig,
+        spec: AdapterSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, ConfigError> {
+        let unet = UNet2DConditionModel::new(unet_config, device)?;
+        let spec = spec.for_unet(&unet)?;
+        device.seed(seed);
+        Self::attach(unet, spec, device)
+    }
+
+    /// Runs a state-dict pass (load, export, name) over the trainable sub-modules under
+    /// their export keys.
+    pub fn walk(&mut self, sd: &mut StateDict) {
+        self.walk_ppr(sd);
+        self.walk_processors(sd);
+    }
+
+    fn walk_ppr(&mut self, sd: &mut StateDict) {
+        self.ppr.load(sd, "image_proj_model");
+    }
+
+    fn walk_processors(&mut self, sd: &mut StateDict) {
+        for attn in self.unet.attentions_mut() {
+            let i = attn.index;
+            if let Some(a) = attn.adapter.as_mut() {
+                a.load(sd, &format!("ip_adapter.{i}"));
+            }
+        }
+    }
+
+    /// The trainable parameters by group ([`GROUP_PPR`], [`GROUP_PROCESSORS`]): export key and
+    /// id of each.
+    pub fn param_groups(&mut self) -> Vec<(&'static str, Vec<(String, ParamId)>)> {
+        let mut ppr = StateDict::namer();
+        self.walk_ppr(&mut ppr);
+        let mut processors = StateDict::namer();
+        self.walk_processors(&mut processors);
+        vec![
+            (GROUP_PPR, ppr.into_names()),
+            (GROUP_PROCESSORS, processors.into_names()),
+        ]
+    }
+
+    /// The trainable weights in the export layout (`image_proj_model.*`, `ip_adapter.{i}.*`,
+    /// PyTorch shapes, f32).
+    pub fn tensors(&self) -> Vec<(String, troupe_pt::Tensor)> {
+        let mut sd = StateDict::exporter();
+        self.clone().walk(&mut sd);
+        sd.into_exported()
+    }
+
+    /// Loads trainable weights in the export layout; every key must match.
+    pub fn load_tensors(&mut self, mut sd: StateDict) -> Result<(), WeightError> {
+        self.walk(&mut sd);
+        sd.finish("StoryMaker adapter").map(|_| ())
+    }
+
+    /// Metadata of a file holding this adapter: the spec, the producer, and `extra`.
+    pub fn metadata(
+        &self,
+        extra: impl IntoIterator<Item = (String, String)>,
+    ) -> std::collections::HashMap<String, String> {
+        let mut m: std::collections::HashMap<String, String> = extra.into_iter().collect();
+        m.insert("format".into(), "storymaker-adapter".into());
+        m.insert(
+            "producer".into(),
+            format!("troupe {}", env!("CARGO_PKG_VERSION")),
+        );
+        m.insert(
+            DIM_HEAD_METADATA.into(),
+            self.spec.ppr.resampler_dim_head.to_string(),
+        );
+        let (k, v) = self.spec.metadata();
+        m.insert(k, v);
+        m
+    }
+}

@@ -1,0 +1,69 @@
+//! Initialising the adapter from the public IP-Adapter checkpoints, as StoryMaker does
+//! (storymaker.md §5.1).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use troupe_models::adapter::Adapter;
+use troupe_models::adapter_file::AdapterFile;
+use troupe_models::weights::StateDict;
+
+/// From IP-Adapter-FaceID-PlusV2-SDXL the PPR's `proj.*`, `norm.*`, `perceiver_resampler.*`
+/// and all processors (`ip_adapter.*`); from IP-Adapter-Plus-SDXL-ViT-H the projection model
+/// as `resample.*`. Every other weight keeps its fresh initialisation (`pos_embed`,
+/// `bg_embed`, `proj_out` zero). A tensor whose shape differs is an error naming it.
+/// Returns a summary.
+pub fn init_from_pretrained(
+    adapter: &mut Adapter,
+    faceid: Option<&Path>,
+    ip_plus: Option<&Path>,
+) -> Result<String> {
+    let mut merged: BTreeMap<String, troupe_pt::Tensor> = adapter.tensors().into_iter().collect();
+    // (target key, tensor, source file) of every pretrained tensor StoryMaker uses.
+    let mut wanted = Vec::new();
+    let mut ignored = 0usize;
+    if let Some(path) = faceid {
+        let ppr = [
+            "image_proj_model.proj.",
+            "image_proj_model.norm.",
+            "image_proj_model.perceiver_resampler.",
+        ];
+        for (key, t) in AdapterFile::read(path)?.tensors {
+            if key.starts_with("ip_adapter.") || ppr.iter().any(|p| key.starts_with(p)) {
+                wanted.push((key, t, path));
+            } else {
+                ignored += 1;
+            }
+        }
+    }
+    if let Some(path) = ip_plus {
+        for (key, t) in AdapterFile::read(path)?.tensors {
+            match key.strip_prefix("image_proj_model.") {
+                Some(name) => wanted.push((format!("image_proj_model.resample.{name}"), t, path)),
+                None => ignored += 1,
+            }
+        }
+    }
+    let mut taken = 0usize;
+    for (key, t, file) in wanted {
+        match merged.get_mut(&key) {
+            Some(slot) if slot.shape == t.shape => {
+                *slot = t;
+                taken += 1;
+            }
+            Some(slot) => bail!(
+                "{}: `{key}` has shape {:?}, the adapter needs {:?} (check model.lora_rank and the base model)",
+                file.display(),
+                t.shape,
+                slot.shape
+            ),
+            None => ignored += 1,
+        }
+    }
+    let tensors: Vec<(String, troupe_pt::Tensor)> = merged.into_iter().collect();
+    adapter.load_tensors(StateDict::from_tensors(&tensors)?)?;
+    Ok(format!(
+        "initialised {taken} tensors from pretrained checkpoints ({ignored} not used)"
+    ))
+}

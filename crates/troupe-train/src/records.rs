@@ -1,0 +1,187 @@
+//! What a run records as it goes: one `metrics.jsonl` line and TensorBoard scalars per logged
+//! step, and a progress bar on stderr (redrawn in place on a terminal, one line per update
+//! in logs).
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::tensorboard::EventWriter;
+
+/// Measurements of one optimizer step.
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    /// Total loss (mean over micro-batches).
+    pub loss: f64,
+    /// Noise-MSE term.
+    pub noise_loss: f64,
+    /// Attention-map term.
+    pub attn_loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate of the PPR group.
+    pub lr: f64,
+    /// Learning rate of the processor group.
+    pub lr_adapter: f64,
+    /// Samples consumed.
+    pub samples: usize,
+    /// Compute time (forward, backward, update), without waiting for data.
+    pub step_s: f64,
+    /// Time spent waiting for the loader.
+    pub data_wait_s: f64,
+    /// Whether the loss and the gradient were finite (the update was applied).
+    pub finite: bool,
+}
+
+/// The run's metrics file, event file and progress display.
+pub struct Records {
+    metrics: std::fs::File,
+    events: EventWriter,
+    interactive: bool,
+    started: Instant,
+    start_step: u64,
+    samples: usize,
+}
+
+impl Records {
+    /// Opens (appending) `metrics.jsonl` and a new TensorBoard event file in `dir`; progress
+    /// rates count from `start_step`.
+    pub fn open(dir: &Path, start_step: u64) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let events = EventWriter::create(dir)
+            .with_context(|| format!("creating a TensorBoard event file in {}", dir.display()))?;
+        Ok(Self {
+            metrics,
+            events,
+            interactive: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            started: Instant::now(),
+            start_step,
+            samples: 0,
+        })
+    }
+
+    /// Counts the step's samples; when `log` is set, writes its metrics line, scalars and
+    /// progress (`step` of `max_steps`, `skipped` non-finite steps so far).
+    pub fn step(
+        &mut self,
+        s: &StepStats,
+        step: u64,
+        max_steps: u64,
+        skipped: u64,
+        log: bool,
+    ) -> Result<()> {
+        self.samples += s.samples;
+        if !log {
+            return Ok(());
+        }
+        let secs = self.started.elapsed().as_secs_f64();
+        let rate = self.samples as f64 / secs.max(1e-9);
+        let line = serde_json::json!({
+            "step": step, "loss": s.loss, "noise_loss": s.noise_loss, "attn_loss": s.attn_loss,
+            "lr": s.lr, "lr_adapter": s.lr_adapter, "grad_norm": s.grad_norm,
+            "samples_per_s": rate, "skipped_nonfinite": skipped, "elapsed_s": secs,
+            "step_s": s.step_s, "data_wait_s": s.data_wait_s,
+        });
+        writeln!(self.metrics, "{line}")?;
+        self.events.scalars(
+            step,
+            &[
+                ("loss/total", s.loss),
+                ("loss/noise", s.noise_loss),
+                ("loss/attention", s.attn_loss),
+                ("lr/ppr", s.lr),
+                ("lr/processors", s.lr_adapter),
+                ("grad_norm", s.grad_norm),
+                ("samples_per_s", rate),
+            ],
+        )?;
+        let done = step - self.start_step;
+        let eta = secs / done.max(1) as f64 * (max_steps - step) as f64;
+        let line = format!(
+            "{} step {step:>6}/{max_steps} | loss {:.4} (noise {:.4}, attn {:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {}",
+            progress_bar(step, max_steps),
+            s.loss,
+            s.noise_loss,
+            s.attn_loss,
+            s.lr,
+            format_eta(eta)
+        );
+        self.show(&line, step == max_steps);
+        Ok(())
+    }
+
+    /// Writes extra scalars (validation, sample scores) at `step`, to both records.
+    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) -> Result<()> {
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        for (k, v) in values {
+            line.insert((*k).into(), (*v).into());
+        }
+        writeln!(self.metrics, "{}", serde_json::Value::Object(line))?;
+        self.events.scalars(step, values)?;
+        Ok(())
+    }
+
+    /// Writes an image summary (PNG bytes) at `step` to the event file.
+    pub fn image(
+        &mut self,
+        step: u64,
+        tag: &str,
+        png: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        self.events.image(step, tag, png, width, height)?;
+        Ok(())
+    }
+
+    fn show(&self, line: &str, last: bool) {
+        if self.interactive {
+            let end = if last { "\n" } else { "" };
+            eprint!("\r{line}\x1b[K{end}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    /// Flushes the metrics file to disk.
+    pub fn sync(&self) -> Result<()> {
+        self.metrics.sync_all()?;
+        Ok(())
+    }
+}
+
+/// `[========>         ]` for `done` of `total`.
+fn progress_bar(done: u64, total: u64) -> String {
+    const WIDTH: usize = 20;
+    let filled = ((done as f64 / total.max(1) as f64) * WIDTH as f64).round() as usize;
+    let filled = filled.min(WIDTH);
+    let head = if filled < WIDTH && filled > 0 {
+        ">"
+    } else {
+        ""
+    };
+    let bar = "=".repeat(filled.saturating_sub(head.len())) + head;
+    format!("[{bar:<WIDTH$}]")
+}
+
+/// `1h02m`, `3m05s`, `42s`.
+pub fn format_eta(secs: f64) -> String {
+    let s = if secs.is_finite() {
+        secs.max(0.0).round() as u64
+    } else {
+        0
+    };
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
