@@ -29,7 +29,10 @@ def main():
     a = ap.parse_args()
     st = load_file(a.safetensors)
     ckpt = torch.load(a.bin, weights_only=True, map_location="cpu")
-    assert set(ckpt) == {"image_proj_model", "ip_adapter"}, set(ckpt)
+    # The two reference groups, plus troupe's metadata strings (the adapter's architecture), which
+    # the reference loader, taking the groups by name, ignores.
+    assert set(ckpt) == {"image_proj_model", "ip_adapter", "troupe"}, set(ckpt)
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in ckpt["troupe"].items())
     ipm, ipa = ckpt["image_proj_model"], ckpt["ip_adapter"]
     print(f"image_proj_model: {len(ipm)} tensors, ip_adapter: {len(ipa)} tensors")
 

@@ -3,8 +3,8 @@
 
 For every sampler (UniPC, DDIM, Euler, Euler ancestral, DPM++ 2M) and several scheduler configs,
 builds `Class.from_config(config)`, calls `set_timesteps(steps)`, starts from seeded Gaussian
-noise times `init_noise_sigma` and runs the denoising loop with a stand-in model (a fixed
-function of the scaled input and the timestep plus seeded noise, so outputs vary per step).
+noise times `init_noise_sigma` and runs the denoising loop with a stand-in model (the ε or v
+that a fixed seeded target implies for the scaled input at t, plus seeded noise).
 
 Writes, under crates/troupe-diffusion/tests/fixtures/:
   samplers.safetensors  float32 tensors of shape (1, 4, 4, 6), per case `{case}`:
@@ -25,6 +25,7 @@ import json
 import os
 
 import diffusers
+import numpy as np
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
 import torch
 from diffusers import (
@@ -116,11 +117,17 @@ EXTRA = {
 }
 
 
-def stand_in_model(scaled, t, gen):
-    """A deterministic function of the input and timestep plus seeded noise."""
-    t = float(t)
-    return 0.7 * torch.tanh(scaled) * (1.0 + 0.3 * torch.cos(torch.tensor(t / 250.0))) \
-        + 0.2 * torch.sin(torch.tensor(t / 97.0)) + 0.5 * torch.randn(SHAPE, generator=gen)
+def stand_in_model(scheduler, scaled, t, target, gen):
+    """A denoiser that knows the data is `target`: the ε or v it implies for the scaled
+    (variance-preserving) input at t, plus seeded noise so that outputs vary. It keeps the
+    trajectories at the unit scale of real latents."""
+    ac = torch.from_numpy(np.interp([float(t)], np.arange(len(scheduler.alphas_cumprod)),
+                                    scheduler.alphas_cumprod.double().numpy())).float()
+    a, s = ac.sqrt(), (1 - ac).sqrt()
+    eps = (scaled - a * target) / s + 0.1 * torch.randn(SHAPE, generator=gen)
+    if scheduler.config.prediction_type == "v_prediction":
+        return a * eps - s * target
+    return eps
 
 
 class NoiseRecorder:
@@ -142,6 +149,7 @@ def run_case(name, sampler, config, steps, seed, tensors):
     gen = torch.Generator().manual_seed(seed)
     sigma0 = scheduler.init_noise_sigma
     x = torch.randn(SHAPE, generator=gen) * sigma0
+    target = 0.8 * torch.randn(SHAPE, generator=gen)
     tensors[f"{name}.init"] = x.clone()
     recorder = NoiseRecorder()
     euler_a_module.randn_tensor = recorder
@@ -151,7 +159,7 @@ def run_case(name, sampler, config, steps, seed, tensors):
         for i, t in enumerate(scheduler.timesteps):
             scaled = scheduler.scale_model_input(x, t)
             identity = identity and torch.equal(scaled, x)
-            out = stand_in_model(scaled, t, gen)
+            out = stand_in_model(scheduler, scaled, t, target, gen)
             prev = scheduler.step(out, t, x, generator=step_gen).prev_sample \
                 if sampler == "euler-a" else scheduler.step(out, t, x).prev_sample
             assert prev.dtype == torch.float32

@@ -162,7 +162,14 @@ fn export_bin_and_f16_agree_with_the_source() {
             _ => "?",
         })
         .collect();
-    assert_eq!(groups, ["image_proj_model", "ip_adapter"]);
+    // The reference loader takes the two groups by name; troupe's metadata rides along.
+    assert_eq!(groups, ["image_proj_model", "ip_adapter", "troupe"]);
+    let spec = value
+        .get("troupe")
+        .and_then(|m| m.get(troupe_models::adapter::SPEC_METADATA))
+        .and_then(Value::as_str)
+        .expect("the .bin states the adapter's architecture");
+    assert!(spec.contains("\"lora_rank\""), "{spec}");
     let mut n = 0;
     for (key, t) in &source {
         let (group, name) = key.split_once('.').unwrap();

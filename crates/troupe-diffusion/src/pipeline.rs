@@ -18,7 +18,7 @@ use troupe_models::unet::{UNet2DConditionModel, UNetInput};
 
 use crate::DiffusionError;
 use crate::conditioning::{CharacterFeatures, Encoders, host, image_tokens};
-use crate::reference::Reference;
+use crate::reference::{CropOps, Reference};
 use crate::samplers::{self, SamplerKind};
 
 /// Settings of one generation call (defaults: the reference's `infer.py`).
@@ -77,6 +77,8 @@ pub struct Pipeline {
     pub adapter: Adapter,
     /// Where everything lives.
     pub device: Device,
+    /// Library arithmetic the reference crops reproduce.
+    pub crop_ops: CropOps,
     /// Image side the base model was trained at (diffusers' default `height`/`width`): the
     /// UNet config's `sample_size` × the VAE factor.
     pub default_size: usize,
@@ -115,6 +117,7 @@ impl Pipeline {
         let sample_size = config["sample_size"].as_u64().unwrap_or(128) as usize;
         Ok(Self {
             default_size: sample_size * encoders.vae.downscale_factor(),
+            crop_ops: CropOps::default(),
             encoders,
             adapter: model,
             device: device.clone(),
@@ -137,7 +140,7 @@ impl Pipeline {
         let s = self.encoders.image_size;
         let (mut body, mut face, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         for r in refs {
-            let crops = r.crops(s as u32)?;
+            let crops = r.crops(s as u32, &self.crop_ops)?;
             body.extend(crops.body);
             face.extend(crops.face);
             ids.extend_from_slice(&r.embedding);

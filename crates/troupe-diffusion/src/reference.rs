@@ -18,11 +18,11 @@ use image::{GrayImage, RgbImage};
 use troupe_data::error::Location;
 use troupe_data::image_io::{DecodeLimits, decode_rgb};
 use troupe_data::ops::color::clip_normalize;
-use troupe_data::ops::geometry::norm_crop;
+use troupe_data::ops::geometry::{WarpImpl, norm_crop_with};
 use troupe_data::ops::morph::{
     composite_on_white, crop_gray, crop_rgb, gaussian_blur_5x5, nonzero_bbox,
 };
-use troupe_data::ops::resize::{Filter, resize_rgb_cached};
+use troupe_data::ops::resize::{Filter, PassOrder, Resizer, resize_rgb};
 
 use crate::DiffusionError;
 
@@ -44,6 +44,32 @@ pub struct Reference {
     pub embedding: Vec<f32>,
     /// Five face keypoints in image pixels.
     pub keypoints: [[f32; 2]; 5],
+}
+
+/// Which library versions' arithmetic the crops reproduce: the face alignment's
+/// `cv2.warpAffine` (OpenCV 4 and 5 differ by a level here and there) and Pillow's resize pass
+/// order (13 changed it). The default is the StoryMaker era's (OpenCV 4, Pillow ≤ 12).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CropOps {
+    /// `warpAffine` implementation of `norm_crop`.
+    pub warp: WarpImpl,
+    /// Pillow resize pass order.
+    pub pass_order: PassOrder,
+}
+
+impl CropOps {
+    /// OpenCV 5 and Pillow 13 (current releases).
+    pub fn current() -> Self {
+        Self {
+            warp: WarpImpl::OpenCv5,
+            pass_order: PassOrder::Pillow13,
+        }
+    }
+
+    fn resize(&self, img: &RgbImage, w: u32, h: u32, source: &str) -> Result<RgbImage, DiffusionError> {
+        resize_rgb(&mut Resizer::with_order(self.pass_order), img, w, h, Filter::CatmullRom)
+            .map_err(|e| err(source, "", e.to_string()))
+    }
 }
 
 /// CLIP-normalised crops of one reference: `[3, S, S]` each.
@@ -257,17 +283,17 @@ impl Reference {
     }
 
     /// The CLIP inputs of this reference for an image encoder of input side `clip_size`.
-    pub fn crops(&self, clip_size: u32) -> Result<ReferenceCrops, DiffusionError> {
-        let body = self.body_crop()?;
-        let face = norm_crop(&self.image, &self.keypoints, CROP_SIZE);
+    pub fn crops(&self, clip_size: u32, ops: &CropOps) -> Result<ReferenceCrops, DiffusionError> {
+        let body = self.body_crop(ops)?;
+        let face = norm_crop_with(&self.image, &self.keypoints, CROP_SIZE, ops.warp);
         Ok(ReferenceCrops {
-            body: clip_preprocess(&body, clip_size, &self.source)?,
-            face: clip_preprocess(&face, clip_size, &self.source)?,
+            body: clip_preprocess(&body, clip_size, ops, &self.source)?,
+            face: clip_preprocess(&face, clip_size, ops, &self.source)?,
         })
     }
 
     /// The masked body crop at 224² (`crop_image` before CLIP preprocessing).
-    pub fn body_crop(&self) -> Result<RgbImage, DiffusionError> {
+    pub fn body_crop(&self, ops: &CropOps) -> Result<RgbImage, DiffusionError> {
         let channels: Vec<GrayImage> = (0..3).map(|c| channel(&self.mask, c)).collect();
         let bbox = nonzero_bbox(&channels[0])
             .ok_or_else(|| err(&self.source, "mask", "has no person pixel (all black)"))?;
@@ -286,8 +312,7 @@ impl Reference {
                 }
             }
         }
-        resize_rgb_cached(&out, CROP_SIZE, CROP_SIZE, Filter::CatmullRom)
-            .map_err(|e| err(&self.source, "mask", e.to_string()))
+        ops.resize(&out, CROP_SIZE, CROP_SIZE, &self.source)
     }
 }
 
@@ -302,10 +327,10 @@ fn channel(img: &RgbImage, c: usize) -> GrayImage {
 pub fn clip_preprocess(
     img: &RgbImage,
     size: u32,
+    ops: &CropOps,
     source: &str,
 ) -> Result<Vec<f32>, DiffusionError> {
-    let resized = resize_rgb_cached(img, size, size, Filter::CatmullRom)
-        .map_err(|e| err(source, "", e.to_string()))?;
+    let resized = ops.resize(img, size, size, source)?;
     let mut out = vec![0f32; 3 * (size * size) as usize];
     clip_normalize(&resized, &mut out);
     Ok(out)

@@ -302,21 +302,19 @@ fn unsupported_fields_are_errors_naming_them() {
 
 #[test]
 fn zz_debug() {
-    let c = cases().into_iter().find(|c| c.0 == "euler.sdxl").unwrap().1;
-    let raw = c["config"].as_object().unwrap().clone();
-    let config = SchedulerConfig::from_map(raw).unwrap();
-    let s = samplers::build(SamplerKind::Euler, &config, 25).unwrap();
-    let ones = Tensor::<4>::ones(SHAPE, &Device::flex());
-    let v = s
-        .scale_model_input(ones, 0)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let sig = troupe_diffusion::schedule::NoiseSchedule::new(&config).unwrap();
-    println!(
-        "DEBUG {:e} {:?} ac961 {:e}",
-        1.0 / v[0],
-        &v[..2],
-        sig.alphas_cumprod[961]
-    );
+    let tensors = load_tensors();
+    let all = cases();
+    for name in ["unipc.sdxl", "dpmpp-2m.sdxl", "ddim.sdxl"] {
+        let meta = &all.iter().find(|c| c.0 == name).unwrap().1;
+        let case = Case { name, meta, tensors: &tensors, device: Device::flex() };
+        let mut sampler = case.build();
+        for i in 0..sampler.timesteps().len() {
+            let input = if i == 0 { case.tensor("init") } else { case.tensor(&format!("{}.prev_sample", i - 1)) };
+            let (_, next) = case.step(sampler.as_mut(), i, input);
+            let want = case.data(&format!("{i}.prev_sample"));
+            let m = want.iter().fold(0f32, |a, b| a.max(b.abs()));
+            let err = max_abs_diff(next, want, "x");
+            println!("DEBUG {name} {i} err {err:.2e} max {m:.2} ulp {:.2}", err / (m * f32::EPSILON));
+        }
+    }
 }

@@ -874,6 +874,29 @@ impl safetensors::View for HostView<'_> {
     }
 }
 
+/// Adds `__metadata__` to a serialised safetensors buffer with its keys sorted: the
+/// `safetensors` crate writes a `HashMap` in random order, and the same content must give the
+/// same bytes (checkpoints are compared byte for byte).
+fn with_sorted_metadata(bytes: Vec<u8>, metadata: std::collections::HashMap<String, String>) -> Vec<u8> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote a JSON header");
+    let mut meta: Vec<(String, String)> = metadata.into_iter().collect();
+    meta.sort();
+    let meta = meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    let mut h = serde_json::to_vec(&header).expect("a JSON map serialises");
+    // The data section starts 8-byte aligned, as the format requires.
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    out
+}
+
 /// Writes named host tensors (any dtype) and string metadata as a `.safetensors` file,
 /// atomically: a temporary file in the same folder, fsync, rename.
 pub fn write_safetensors(
@@ -883,10 +906,14 @@ pub fn write_safetensors(
 ) -> Result<(), WeightError> {
     let shown = path.display().to_string();
     let views = tensors.iter().map(|(k, t)| (k.as_str(), HostView(t)));
-    let bytes = safetensors::serialize(views, metadata).map_err(|e| WeightError::Format {
+    let bytes = safetensors::serialize(views, None).map_err(|e| WeightError::Format {
         path: shown.clone(),
         message: e.to_string(),
     })?;
+    let bytes = match metadata {
+        Some(m) => with_sorted_metadata(bytes, m),
+        None => bytes,
+    };
     let io = |source| WeightError::Io {
         path: shown.clone(),
         source,

@@ -345,21 +345,20 @@ impl Run {
         Ok(())
     }
 
-    /// Metadata of the adapter files this run writes.
-    fn adapter_metadata(&self) -> std::collections::HashMap<String, String> {
+    /// Metadata of the adapter files this run writes: the architecture, base model and step;
+    /// the final export also names the config's hash (checkpoints leave it out, so a run's
+    /// checkpoints do not depend on where the run lives).
+    fn adapter_metadata(&self, with_config: bool) -> std::collections::HashMap<String, String> {
         use sha2::Digest;
-        let hash = format!(
-            "{:x}",
-            sha2::Sha256::digest(self.config.to_toml().as_bytes())
-        );
-        self.adapter.metadata([
-            (
-                "base_model".to_string(),
-                self.config.model.base.display().to_string(),
-            ),
+        let mut extra = vec![
+            ("base_model".to_string(), self.config.model.base.display().to_string()),
             ("step".to_string(), self.state.step.to_string()),
-            ("config_sha256".to_string(), hash),
-        ])
+        ];
+        if with_config {
+            let hash = sha2::Sha256::digest(self.config.to_toml().as_bytes());
+            extra.push(("config_sha256".to_string(), format!("{hash:x}")));
+        }
+        self.adapter.metadata(extra)
     }
 
     /// Checkpoints every `checkpoint.every_steps`, at the last step, and when interrupted.
@@ -370,7 +369,7 @@ impl Run {
             let path = checkpoint::save(
                 &self.config.run.dir,
                 &self.adapter,
-                self.adapter_metadata(),
+                self.adapter_metadata(false),
                 &self.opt,
                 &self.state,
                 c.keep_last,
@@ -388,7 +387,7 @@ impl Run {
             &self.adapter.tensors(),
             AdapterFormat::Safetensors,
             ExportDType::F32,
-            self.adapter_metadata(),
+            self.adapter_metadata(true),
         )?;
         eprintln!("adapter: {}", path.display());
         Ok(())
