@@ -97,6 +97,25 @@ fn crash_and_resume_is_bit_identical_to_a_straight_run() {
             "{f} differs between the straight and the resumed run"
         );
     }
+    // An export of the run states the adapter's whole architecture (the tiny run's PPR head
+    // width is 8, not StoryMaker's 64), so `troupe inspect` reads it back.
+    let exported = tmp.path().join("exported.safetensors");
+    for args in [
+        vec![
+            "export",
+            straight.to_str().unwrap(),
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+        vec!["inspect", exported.to_str().unwrap()],
+    ] {
+        let out = troupe(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // The loss curves render from metrics.jsonl.
     let out = troupe(&["plot", straight.to_str().unwrap()], &[]);
     assert!(

@@ -66,9 +66,21 @@ impl CropOps {
         }
     }
 
-    fn resize(&self, img: &RgbImage, w: u32, h: u32, source: &str) -> Result<RgbImage, DiffusionError> {
-        resize_rgb(&mut Resizer::with_order(self.pass_order), img, w, h, Filter::CatmullRom)
-            .map_err(|e| err(source, "", e.to_string()))
+    fn resize(
+        &self,
+        img: &RgbImage,
+        w: u32,
+        h: u32,
+        source: &str,
+    ) -> Result<RgbImage, DiffusionError> {
+        resize_rgb(
+            &mut Resizer::with_order(self.pass_order),
+            img,
+            w,
+            h,
+            Filter::CatmullRom,
+        )
+        .map_err(|e| err(source, "", e.to_string()))
     }
 }
 

@@ -72,7 +72,10 @@ fn max_diff(got: &[f32], want: &[f32], what: &str) -> f32 {
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 struct Outputs(StateDict);
@@ -133,8 +136,16 @@ fn check_case(pipeline: &Pipeline, name: &str) {
     let d = max_diff(&body, &want_body, "body");
     assert!(d <= 1e-6, "{name}: body crops differ by {d}");
     let d = max_diff(&face, &want_face, "face");
-    let n_diff = face.iter().zip(&want_face).filter(|(a, b)| (*a - *b).abs() > 1e-6).count();
-    assert!(d <= 1e-6, "{name}: face crops differ by {d} in {n_diff} of {} values", face.len());
+    let n_diff = face
+        .iter()
+        .zip(&want_face)
+        .filter(|(a, b)| (*a - *b).abs() > 1e-6)
+        .count();
+    assert!(
+        d <= 1e-6,
+        "{name}: face crops differ by {d} in {n_diff} of {} values",
+        face.len()
+    );
 
     let settings = settings(case);
     let characters = pipeline.characters(&refs).unwrap();
@@ -202,7 +213,9 @@ fn same_seed_same_png_and_safetensors_equals_mask_bin() {
         s.steps = 4;
         s.seed = 5;
         for _ in 0..2 {
-            let images = pipeline.generate(&s, &characters, None, &mut |_, _| {}).unwrap();
+            let images = pipeline
+                .generate(&s, &characters, None, &mut |_, _| {})
+                .unwrap();
             let img = to_rgb8(images).remove(0);
             pngs.push(troupe_data::image_io::encode_png_rgb(&img));
         }

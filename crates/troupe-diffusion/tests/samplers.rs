@@ -11,7 +11,8 @@ use troupe_diffusion::samplers::{self, Sampler, SamplerKind};
 use troupe_diffusion::schedule::SchedulerConfig;
 
 const SHAPE: [usize; 4] = [1, 4, 4, 6];
-/// Per step, against diffusers' `prev_sample` (and `scale_model_input`).
+/// Per step, against diffusers' `prev_sample` (and `scale_model_input`), for unit-scale
+/// inputs; see [`tolerance`].
 const STEP_TOL: f32 = 1e-5;
 /// After a free-running replay.
 const FINAL_TOL: f32 = 1e-4;
@@ -62,6 +63,16 @@ fn max_abs_diff(got: Tensor<4>, want: &[f32], what: &str) -> f32 {
         }
     }
     max
+}
+
+/// `base`, or 4 f32 ulps of the largest input value when that is larger: diffusers itself
+/// rounds at that scale (Euler's zero-SNR start has σ = 4096, and its scalars come from MKL's
+/// exp/log/sqrt, which are within an ulp but not correctly rounded).
+fn tolerance(base: f32, input: &[f32]) -> f32 {
+    let largest = input
+        .iter()
+        .fold(0.0f32, |m, x| if x.abs() > m { x.abs() } else { m });
+    base.max(4.0 * f32::EPSILON * largest)
 }
 
 /// A case's recorded data.
@@ -167,17 +178,17 @@ impl Case<'_> {
         self.check_schedule(sampler.as_ref());
         let (mut worst, mut worst_scale) = (0.0f32, 0.0f32);
         for i in 0..sampler.timesteps().len() {
-            let input = if i == 0 {
-                self.tensor("init")
-            } else {
-                self.tensor(&format!("{}.prev_sample", i - 1))
+            let key = match i {
+                0 => "init".to_string(),
+                _ => format!("{}.prev_sample", i - 1),
             };
-            let (scale_err, next) = self.step(sampler.as_mut(), i, input);
+            let tol = tolerance(STEP_TOL, self.data(&key));
+            let (scale_err, next) = self.step(sampler.as_mut(), i, self.tensor(&key));
             let what = format!("{} step {i}", self.name);
             let err = max_abs_diff(next, self.data(&format!("{i}.prev_sample")), &what);
             assert!(
-                err <= STEP_TOL && scale_err <= STEP_TOL,
-                "{what}: {err:e} (scale {scale_err:e})"
+                err <= tol && scale_err <= STEP_TOL,
+                "{what}: {err:e} > {tol:e} (scale {scale_err:e})"
             );
             (worst, worst_scale) = (worst.max(err), worst_scale.max(scale_err));
         }
@@ -298,23 +309,4 @@ fn unsupported_fields_are_errors_naming_them() {
         .is_ok()
     );
     assert!(samplers::build(Ddim, &config_with("steps_offset", json!(1)), 0).is_err());
-}
-
-#[test]
-fn zz_debug() {
-    let tensors = load_tensors();
-    let all = cases();
-    for name in ["unipc.sdxl", "dpmpp-2m.sdxl", "ddim.sdxl"] {
-        let meta = &all.iter().find(|c| c.0 == name).unwrap().1;
-        let case = Case { name, meta, tensors: &tensors, device: Device::flex() };
-        let mut sampler = case.build();
-        for i in 0..sampler.timesteps().len() {
-            let input = if i == 0 { case.tensor("init") } else { case.tensor(&format!("{}.prev_sample", i - 1)) };
-            let (_, next) = case.step(sampler.as_mut(), i, input);
-            let want = case.data(&format!("{i}.prev_sample"));
-            let m = want.iter().fold(0f32, |a, b| a.max(b.abs()));
-            let err = max_abs_diff(next, want, "x");
-            println!("DEBUG {name} {i} err {err:.2e} max {m:.2} ulp {:.2}", err / (m * f32::EPSILON));
-        }
-    }
 }

@@ -877,13 +877,19 @@ impl safetensors::View for HostView<'_> {
 /// Adds `__metadata__` to a serialised safetensors buffer with its keys sorted: the
 /// `safetensors` crate writes a `HashMap` in random order, and the same content must give the
 /// same bytes (checkpoints are compared byte for byte).
-fn with_sorted_metadata(bytes: Vec<u8>, metadata: std::collections::HashMap<String, String>) -> Vec<u8> {
+fn with_sorted_metadata(
+    bytes: Vec<u8>,
+    metadata: std::collections::HashMap<String, String>,
+) -> Vec<u8> {
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
     let mut header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote a JSON header");
     let mut meta: Vec<(String, String)> = metadata.into_iter().collect();
     meta.sort();
-    let meta = meta.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    let meta = meta
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut h = serde_json::to_vec(&header).expect("a JSON map serialises");
     // The data section starts 8-byte aligned, as the format requires.

@@ -351,7 +351,10 @@ impl Run {
     fn adapter_metadata(&self, with_config: bool) -> std::collections::HashMap<String, String> {
         use sha2::Digest;
         let mut extra = vec![
-            ("base_model".to_string(), self.config.model.base.display().to_string()),
+            (
+                "base_model".to_string(),
+                self.config.model.base.display().to_string(),
+            ),
             ("step".to_string(), self.state.step.to_string()),
         ];
         if with_config {

@@ -83,12 +83,14 @@ impl<'a> Fields<'a> {
         self.typed(name, Vec::new(), read, "a list of integers")
     }
 
-    /// A switch troupe does not implement: only its default `false` is accepted.
-    pub(crate) fn unsupported_if_true(&self, name: &str) -> Result<(), SamplerError> {
-        match self.bool(name, false)? {
-            false => Ok(()),
-            true => Err(self.error(name, true, "not supported by troupe")),
+    /// Switches troupe does not implement: only their default `false` is accepted.
+    pub(crate) fn unsupported_if_true(&self, names: &[&str]) -> Result<(), SamplerError> {
+        for &name in names {
+            if self.bool(name, false)? {
+                return Err(self.error(name, true, "not supported by troupe"));
+            }
         }
+        Ok(())
     }
 
     /// A field troupe does not implement: only `null` / absent is accepted.
@@ -118,7 +120,7 @@ impl<'a> Fields<'a> {
 
 /// `thresholding` (dynamic thresholding of x̂₀) is not implemented by any troupe sampler.
 pub(crate) fn no_thresholding(fields: &Fields) -> Result<(), SamplerError> {
-    fields.unsupported_if_true("thresholding")
+    fields.unsupported_if_true(&["thresholding"])
 }
 
 /// ᾱ_t from the shared schedule. The σ-based classes (all but DDIM) replace a zero terminal ᾱ
@@ -313,13 +315,17 @@ pub(crate) struct KarrasRange {
 }
 
 impl KarrasRange {
-    /// Reads `sigma_min`/`sigma_max`. DPM-Solver does not declare them, but diffusers keeps
-    /// every other field of the file as a hidden config entry and its Karras code reads them.
-    pub(crate) fn read(fields: &Fields) -> Result<Self, SamplerError> {
-        Ok(Self {
+    /// The range when `use_karras_sigmas` is on. `sigma_min`/`sigma_max` are read even for
+    /// DPM-Solver, which does not declare them: diffusers keeps every other field of the file
+    /// as a hidden config entry, and its Karras code reads them.
+    pub(crate) fn read(fields: &Fields) -> Result<Option<Self>, SamplerError> {
+        if !fields.bool("use_karras_sigmas", false)? {
+            return Ok(None);
+        }
+        Ok(Some(Self {
             min: fields.opt_f64("sigma_min")?,
             max: fields.opt_f64("sigma_max")?,
-        })
+        }))
     }
 
     /// The ramp for `steps` steps, bounded by the config or else by `lowest`/`highest`.
@@ -452,6 +458,7 @@ pub(crate) fn solver_noise_prediction(
 pub(crate) struct SolverGrid {
     pub(crate) spacing: Spacing,
     pub(crate) offset: i64,
+    /// The largest timestep + 1 (below `num_train_timesteps` if DPM's λ clipping cuts it).
     pub(crate) last: usize,
     pub(crate) karras: Option<KarrasRange>,
     pub(crate) final_sigma: FinalSigma,
@@ -460,6 +467,22 @@ pub(crate) struct SolverGrid {
 }
 
 impl SolverGrid {
+    /// Reads the spacing (default linspace), offset, Karras and final-σ fields.
+    pub(crate) fn read(
+        fields: &Fields,
+        last: usize,
+        karras_final_is_ramp_end: bool,
+    ) -> Result<Self, SamplerError> {
+        Ok(Self {
+            spacing: Spacing::read(fields, "linspace")?,
+            offset: fields.int("steps_offset", 0)?,
+            last,
+            karras: KarrasRange::read(fields)?,
+            final_sigma: FinalSigma::read(fields)?,
+            karras_final_is_ramp_end,
+        })
+    }
+
     /// Integer timesteps (Karras ones rounded half to even) and σ.
     pub(crate) fn build(&self, alphas_cumprod: &[f32], steps: usize) -> SigmaSchedule {
         let table = train_sigmas(alphas_cumprod);
@@ -468,8 +491,7 @@ impl SolverGrid {
         let spaced = spaced_timesteps(self.spacing, grid, table.len(), steps, self.offset);
         let Some(range) = self.karras else {
             let sigmas: Vec<f64> = spaced.iter().map(|&t| interp(t, &table)).collect();
-            let last = self.final_value(sigma_min, sigma_min);
-            return SigmaSchedule::new(&spaced, &sigmas, last);
+            return SigmaSchedule::new(&spaced, &sigmas, self.final_value(sigma_min, sigma_min));
         };
         let log: Vec<f32> = table.iter().map(|s| s.ln()).collect();
         let highest = *table.last().expect("non-empty") as f64;
@@ -479,22 +501,17 @@ impl SolverGrid {
             .map(|&s| sigma_to_t(s, &log).round_ties_even())
             .collect();
         let ramp_end = *sigmas.last().expect("steps > 0");
-        let last = self.final_value(
-            if self.karras_final_is_ramp_end {
-                ramp_end
-            } else {
-                sigma_min
-            },
-            sigma_min,
-        );
-        SigmaSchedule::new(&timesteps, &sigmas, last)
+        SigmaSchedule::new(&timesteps, &sigmas, self.final_value(ramp_end, sigma_min))
     }
 
-    fn final_value(&self, karras_min: f64, sigma_min: f64) -> f64 {
-        match (self.final_sigma, self.karras.is_some()) {
-            (FinalSigma::Zero, _) => 0.0,
-            (FinalSigma::SigmaMin, true) => karras_min,
-            (FinalSigma::SigmaMin, false) => sigma_min,
+    /// σ after the last step; `ramp_end` is the last σ of the Karras ramp or of the grid.
+    fn final_value(&self, ramp_end: f64, sigma_min: f64) -> f64 {
+        match self.final_sigma {
+            FinalSigma::Zero => 0.0,
+            FinalSigma::SigmaMin if self.karras_final_is_ramp_end && self.karras.is_some() => {
+                ramp_end
+            }
+            FinalSigma::SigmaMin => sigma_min,
         }
     }
 }

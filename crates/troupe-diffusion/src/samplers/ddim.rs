@@ -68,14 +68,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
-        sample
-    }
-
     fn step(
         &mut self,
         model_output: Tensor<4>,

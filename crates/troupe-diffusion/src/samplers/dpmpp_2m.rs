@@ -67,14 +67,12 @@ impl DpmPp2M {
         check_steps(config, steps)?;
         let fields = Fields::new(config, CLASS);
         no_thresholding(&fields)?;
-        for name in [
+        fields.unsupported_if_true(&[
             "use_exponential_sigmas",
             "use_beta_sigmas",
             "use_lu_lambdas",
             "use_flow_sigmas",
-        ] {
-            fields.unsupported_if_true(name)?;
-        }
+        ])?;
         no_learned_variance(&fields)?;
         let heun = solver_type(&fields)?;
         let order = fields.int("solver_order", 2)?;
@@ -82,21 +80,8 @@ impl DpmPp2M {
             return Err(fields.error("solver_order", order, "troupe implements orders 1 and 2"));
         }
         let alphas = alphas_cumprod(config, true)?;
-        let final_sigma = FinalSigma::read(&fields)?;
-        let grid = SolverGrid {
-            spacing: Spacing::read(&fields, "linspace")?,
-            offset: fields.int("steps_offset", 0)?,
-            last: last_timestep(
-                &alphas,
-                fields.f64("lambda_min_clipped", f64::NEG_INFINITY)?,
-            ),
-            karras: match fields.bool("use_karras_sigmas", false)? {
-                true => Some(KarrasRange::read(&fields)?),
-                false => None,
-            },
-            final_sigma,
-            karras_final_is_ramp_end: false,
-        };
+        let lambda_min = fields.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
+        let grid = SolverGrid::read(&fields, last_timestep(&alphas, lambda_min), false)?;
         Ok(Self {
             schedule: grid.build(&alphas, steps),
             prediction: config.prediction_type,
@@ -104,7 +89,7 @@ impl DpmPp2M {
             heun,
             lower_order_final: fields.bool("lower_order_final", true)?,
             euler_at_final: fields.bool("euler_at_final", false)?,
-            final_sigma,
+            final_sigma: grid.final_sigma,
             previous: None,
             lower_order_nums: 0,
         })
@@ -160,14 +145,6 @@ impl DpmPp2M {
 impl Sampler for DpmPp2M {
     fn timesteps(&self) -> &[f32] {
         &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
-        sample
     }
 
     fn step(

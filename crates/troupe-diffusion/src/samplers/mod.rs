@@ -97,11 +97,17 @@ pub trait Sampler {
     /// the Euler family with Karras sigmas).
     fn timesteps(&self) -> &[f32];
 
-    /// Multiplier of the initial Gaussian noise (diffusers' `init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
+    /// Multiplier of the initial Gaussian noise (diffusers' `init_noise_sigma`; 1 unless the
+    /// sampler works in σ rather than in variance-preserving space).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// diffusers' `scale_model_input` at step `index` (identity for most samplers).
-    fn scale_model_input(&self, sample: Tensor<4>, index: usize) -> Tensor<4>;
+    fn scale_model_input(&self, sample: Tensor<4>, index: usize) -> Tensor<4> {
+        let _ = index;
+        sample
+    }
 
     /// diffusers' `step` at step `index`: the model output at the current sample → the
     /// sample of the next step. `noise` is called for fresh standard Gaussian noise of the

@@ -56,14 +56,12 @@ fn solver_type(fields: &Fields) -> Result<bool, SamplerError> {
 /// Fields that change behaviour and troupe does not implement.
 fn unsupported(fields: &Fields) -> Result<(), SamplerError> {
     no_thresholding(fields)?;
-    for name in [
+    fields.unsupported_if_true(&[
         "use_exponential_sigmas",
         "use_beta_sigmas",
         "use_flow_sigmas",
         "use_dynamic_shifting",
-    ] {
-        fields.unsupported_if_true(name)?;
-    }
+    ])?;
     fields.unsupported_if_set("solver_p")?;
     fields.unsupported_if_set("shift_terminal")
 }
@@ -80,17 +78,7 @@ impl UniPc {
             return Err(fields.error("solver_order", order, "expected at least 1"));
         }
         let alphas = alphas_cumprod(config, true)?;
-        let grid = SolverGrid {
-            spacing: Spacing::read(&fields, "linspace")?,
-            offset: fields.int("steps_offset", 0)?,
-            last: alphas.len(),
-            karras: match fields.bool("use_karras_sigmas", false)? {
-                true => Some(KarrasRange::read(&fields)?),
-                false => None,
-            },
-            final_sigma: FinalSigma::read(&fields)?,
-            karras_final_is_ramp_end: true,
-        };
+        let grid = SolverGrid::read(&fields, alphas.len(), true)?;
         Ok(Self {
             schedule: grid.build(&alphas, steps),
             prediction: config.prediction_type,
@@ -233,14 +221,6 @@ fn power_row(rks: &[f32], p: usize) -> Vec<f32> {
 impl Sampler for UniPc {
     fn timesteps(&self) -> &[f32] {
         &self.schedule.timesteps
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: Tensor<4>, _index: usize) -> Tensor<4> {
-        sample
     }
 
     fn step(

@@ -1,0 +1,229 @@
+//! `troupe sample` end to end on the tiny SDXL: outputs, sidecars, determinism, and bad input
+//! refused before any denoising with nothing left in `--out`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn troupe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .current_dir(root())
+        .args(args)
+        .output()
+        .expect("run troupe")
+}
+
+fn refs() -> PathBuf {
+    root().join("crates/troupe-diffusion/tests/fixtures/pipeline")
+}
+
+/// `image=…,mask=…,embedding=…,keypoints=…` for fixture reference `k`, with overrides.
+fn reference(k: usize, over: &[(&str, &Path)]) -> String {
+    let d = refs();
+    let mut parts = vec![
+        ("image", d.join(format!("person_{k}.png"))),
+        ("mask", d.join(format!("mask_{k}.png"))),
+        ("embedding", d.join(format!("embedding_{k}.npy"))),
+        ("keypoints", d.join(format!("kps_{k}.json"))),
+    ];
+    for (key, p) in over {
+        parts.iter_mut().find(|(k, _)| k == key).unwrap().1 = p.to_path_buf();
+    }
+    parts
+        .iter()
+        .map(|(k, p)| format!("{k}={}", p.display()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A fresh adapter for the tiny SDXL.
+fn adapter(dir: &Path) -> PathBuf {
+    let out = dir.join("adapter.safetensors");
+    let args = [
+        "adapter",
+        "init",
+        "--unet-config",
+        "configs/tiny-sdxl/unet/config.json",
+        "--rank",
+        "4",
+        "--clip-dim",
+        "24",
+        "--ppr-dim-head",
+        "8",
+        "--ppr-depth",
+        "1",
+        "--out",
+    ];
+    let o = troupe(&[&args[..], &[out.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
+    let base = [
+        "sample",
+        "--model",
+        "configs/tiny-sdxl",
+        "--image-encoder",
+        "configs/tiny-sdxl/image_encoder",
+        "--steps",
+        "3",
+        "--prompt",
+        "a person",
+    ];
+    let a = [
+        &base[..],
+        &[
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        extra,
+    ]
+    .concat();
+    troupe(&a)
+}
+
+#[test]
+fn writes_images_sidecars_and_grid_deterministically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let r = reference(0, &[]);
+    let mut pngs = Vec::new();
+    for run in ["x", "y"] {
+        let out = tmp.path().join(run);
+        let o = sample(
+            &a,
+            &out,
+            &["--reference", &r, "--num-images", "2", "--seed", "3"],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let mut names: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "grid.png",
+                "image-00.json",
+                "image-00.png",
+                "image-01.json",
+                "image-01.png"
+            ]
+        );
+        let side: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("image-01.json")).unwrap()).unwrap();
+        assert_eq!(side["seed"], 3);
+        assert_eq!(side["scheduler"], "unipc");
+        assert_eq!(side["adapter_sha256"].as_str().unwrap().len(), 64);
+        let img = image::open(out.join("image-00.png")).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 64));
+        pngs.push(std::fs::read(out.join("image-00.png")).unwrap());
+    }
+    assert_eq!(pngs[0], pngs[1], "same seed, different PNG");
+}
+
+#[test]
+fn bad_input_is_refused_before_denoising_naming_the_culprit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let black = tmp.path().join("black.png");
+    image::RgbImage::new(96, 80).save(&black).unwrap();
+    let short = tmp.path().join("short.npy");
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (10,), }";
+    let header = format!("{header:<117}\n");
+    npy.extend((header.len() as u16).to_le_bytes());
+    npy.extend(header.as_bytes());
+    npy.extend([0u8; 40]);
+    std::fs::write(&short, npy).unwrap();
+    let far = tmp.path().join("far.json");
+    std::fs::write(&far, "[[1,1],[2,2],[3,3],[4,4],[500,5]]").unwrap();
+    let missing = tmp.path().join("missing.png");
+    let other_unet = root().join("crates/troupe-models/tests/fixtures/unet/sdxl_tiny/config.json");
+    let wrong = tmp.path().join("wrong.safetensors");
+    let o = troupe(&[
+        "adapter",
+        "init",
+        "--unet-config",
+        other_unet.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--clip-dim",
+        "24",
+        "--ppr-dim-head",
+        "8",
+        "--ppr-depth",
+        "1",
+        "--out",
+        wrong.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let good = reference(0, &[]);
+    let cases: Vec<(Vec<String>, &Path, &str)> = vec![
+        (
+            vec![
+                "--scheduler".into(),
+                "heun".into(),
+                "--reference".into(),
+                good.clone(),
+            ],
+            &a,
+            "heun",
+        ),
+        (
+            vec![
+                "--width".into(),
+                "60".into(),
+                "--reference".into(),
+                good.clone(),
+            ],
+            &a,
+            "--width",
+        ),
+        (
+            vec!["--reference".into(), reference(0, &[("mask", &black)])],
+            &a,
+            "no person pixel",
+        ),
+        (
+            vec!["--reference".into(), reference(0, &[("embedding", &short)])],
+            &a,
+            "has 10 values",
+        ),
+        (
+            vec!["--reference".into(), reference(0, &[("keypoints", &far)])],
+            &a,
+            "outside",
+        ),
+        (
+            vec!["--reference".into(), reference(0, &[("image", &missing)])],
+            &a,
+            "missing.png",
+        ),
+        (
+            vec!["--reference".into(), good.clone()],
+            &wrong,
+            "wrong.safetensors",
+        ),
+    ];
+    for (extra, adapter, want) in cases {
+        let out = tmp.path().join("out");
+        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let o = sample(adapter, &out, &args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: expected `{want}` in: {stderr}"
+        );
+        assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+    }
+}
