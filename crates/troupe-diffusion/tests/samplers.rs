@@ -172,11 +172,12 @@ impl Case<'_> {
         (scale_err, next)
     }
 
-    /// Replays each step from diffusers' input; returns the largest step and scale errors.
-    fn replay_steps(&self) -> (f32, f32) {
+    /// Replays each step from diffusers' input; returns the largest step error, its largest
+    /// ratio to the tolerance, and the largest `scale_model_input` error.
+    fn replay_steps(&self) -> [f32; 3] {
         let mut sampler = self.build();
         self.check_schedule(sampler.as_ref());
-        let (mut worst, mut worst_scale) = (0.0f32, 0.0f32);
+        let mut worst = [0.0f32; 3];
         for i in 0..sampler.timesteps().len() {
             let key = match i {
                 0 => "init".to_string(),
@@ -190,9 +191,12 @@ impl Case<'_> {
                 err <= tol && scale_err <= STEP_TOL,
                 "{what}: {err:e} > {tol:e} (scale {scale_err:e})"
             );
-            (worst, worst_scale) = (worst.max(err), worst_scale.max(scale_err));
+            // All finite here (max_abs_diff checks), so f32::max drops nothing.
+            for (w, e) in worst.iter_mut().zip([err, err / tol, scale_err]) {
+                *w = w.max(e);
+            }
         }
-        (worst, worst_scale)
+        worst
     }
 
     /// Runs from the initial noise on its own samples; returns the final error.
@@ -222,9 +226,11 @@ fn samplers_match_diffusers_step_for_step() {
             tensors: &tensors,
             device: Device::flex(),
         };
-        let (step, scale) = case.replay_steps();
+        let [step, ratio, scale] = case.replay_steps();
         let free = case.replay_free();
-        println!("{name:<36} step {step:.2e}  scale {scale:.2e}  free-running {free:.2e}");
+        println!(
+            "{name:<32} step {step:.2e} ({ratio:.2} of tol)  scale {scale:.2e}  free {free:.2e}"
+        );
         seen.insert(meta["sampler"].as_str().unwrap().to_string());
     }
     assert_eq!(
@@ -268,6 +274,9 @@ fn unsupported_fields_are_errors_naming_them() {
         (vec![DpmPp2M], "solver_order", json!(3)),
         (vec![DpmPp2M], "variance_type", json!("learned_range")),
         (vec![UniPc], "use_flow_sigmas", json!(true)),
+        (vec![UniPc], "use_dynamic_shifting", json!(true)),
+        (vec![UniPc], "shift_terminal", json!(0.1)),
+        (vec![UniPc], "solver_order", json!(0)),
         (vec![UniPc], "solver_type", json!("bh3")),
         (
             vec![Euler, UniPc, DpmPp2M],
@@ -309,4 +318,12 @@ fn unsupported_fields_are_errors_naming_them() {
         .is_ok()
     );
     assert!(samplers::build(Ddim, &config_with("steps_offset", json!(1)), 0).is_err());
+    let past_the_end = samplers::build(Ddim, &config_with("steps_offset", json!(1)), 1000);
+    assert!(
+        past_the_end
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("steps_offset")
+    );
 }

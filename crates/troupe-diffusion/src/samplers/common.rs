@@ -393,20 +393,6 @@ pub(crate) fn euler_denoised(
     }
 }
 
-/// The Euler family's `scale_model_input`: x / √(σ² + 1).
-pub(crate) fn euler_scale(sample: Tensor<4>, sigma: f32) -> Tensor<4> {
-    sample.div_scalar((sigma * sigma + 1.0).sqrt())
-}
-
-/// The Euler family's `init_noise_sigma`: max σ, or √(max σ² + 1) for leading spacing.
-pub(crate) fn euler_init_sigma(sigmas: &[f32], spacing: Spacing) -> f64 {
-    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    match spacing {
-        Spacing::Leading => (max * max + 1.0).sqrt() as f64,
-        _ => max as f64,
-    }
-}
-
 /// The multistep solvers' (α_t, σ_t) of a σ: α = 1/√(σ² + 1), σ_t = σ·α (f32, as diffusers).
 pub(crate) fn alpha_sigma(sigma: f32) -> (f32, f32) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();

@@ -41,6 +41,10 @@ impl Ddim {
         let spacing = Spacing::read(&fields, "leading")?;
         let offset = fields.int("steps_offset", 0)?;
         let timesteps = spaced_timesteps(spacing, Grid::Rounded, alphas.len(), steps, offset);
+        if timesteps[0] >= alphas.len() as f64 {
+            let why = format!("timestep {} is past num_train_timesteps", timesteps[0]);
+            return Err(fields.error("steps_offset", offset, &why));
+        }
         // The previous timestep is always t − T/n, whatever the spacing (as diffusers).
         let stride = (alphas.len() / steps) as i64;
         let pairs = timesteps.iter().map(|&t| {

@@ -5,8 +5,8 @@
 use burn::prelude::*;
 
 use super::common::{
-    Fields, FinalSigma, KarrasRange, SigmaSchedule, SolverGrid, Spacing, alpha_sigma,
-    alphas_cumprod, check_steps, lambda, no_thresholding, solver_data_prediction,
+    Fields, FinalSigma, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod, check_steps,
+    lambda, no_thresholding, solver_data_prediction,
 };
 use super::{Sampler, SamplerError};
 use crate::schedule::{Prediction, SchedulerConfig};

@@ -133,9 +133,7 @@ pub fn build(
         SamplerKind::UniPc => Box::new(unipc::UniPc::new(config, steps)?),
         SamplerKind::Ddim => Box::new(ddim::Ddim::new(config, steps)?),
         SamplerKind::Euler => Box::new(euler::Euler::new(config, steps)?),
-        SamplerKind::EulerAncestral => {
-            Box::new(euler_ancestral::EulerAncestral::new(config, steps)?)
-        }
+        SamplerKind::EulerAncestral => Box::new(euler_ancestral::new(config, steps)?),
         SamplerKind::DpmPp2M => Box::new(dpmpp_2m::DpmPp2M::new(config, steps)?),
     })
 }

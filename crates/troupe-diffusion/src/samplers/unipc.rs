@@ -6,9 +6,8 @@
 use burn::prelude::*;
 
 use super::common::{
-    Fields, FinalSigma, KarrasRange, SigmaSchedule, SolverGrid, Spacing, alpha_sigma,
-    alphas_cumprod, check_steps, lambda, no_thresholding, solve, solver_data_prediction,
-    solver_noise_prediction,
+    Fields, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod, check_steps, lambda,
+    no_thresholding, solve, solver_data_prediction, solver_noise_prediction,
 };
 use super::{Sampler, SamplerError};
 use crate::schedule::{Prediction, SchedulerConfig};
