@@ -79,7 +79,7 @@ COMMON = [("tiny", TINY, 25), ("sdxl", SDXL, 25), ("sdxl_7", SDXL, 7), ("zsnr_v"
 EXTRA = {
     "unipc": [
         ("karras", {**SDXL, "use_karras_sigmas": True}, 25),
-        # bh1 with a zero final σ gives NaN in diffusers (B(h) = −h = −∞ times 0), hence sigma_min.
+        # bh1 with a zero final σ gives NaN in diffusers (B(h) = −h = −∞, times 0): sigma_min.
         ("order3_bh1", {**SDXL, "solver_order": 3, "solver_type": "bh1", "disable_corrector": [2],
                         "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}, 10),
         ("eps_pred_min", {**SDXL, "predict_x0": False, "final_sigmas_type": "sigma_min",
@@ -90,11 +90,13 @@ EXTRA = {
     "ddim": [
         ("linspace_range", {**TINY, "set_alpha_to_one": False, "timestep_spacing": "linspace",
                             "clip_sample_range": 0.5}, 10),
-        ("defaults", {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}, 10),
+        ("defaults", {"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                      "beta_end": 0.012}, 10),
     ],
     "euler": [
         ("karras", {**SDXL, "use_karras_sigmas": True}, 25),
-        ("linspace_min", {**SDXL, "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}, 10),
+        ("linspace_min", {**SDXL, "timestep_spacing": "linspace",
+                          "final_sigmas_type": "sigma_min"}, 10),
         ("karras_range_v", {**SDXL, "use_karras_sigmas": True, "sigma_min": 0.1, "sigma_max": 10.0,
                             "prediction_type": "v_prediction"}, 9),
     ],
@@ -110,7 +112,8 @@ EXTRA = {
         ("order1_clipped", {**SDXL, "solver_order": 1, "lambda_min_clipped": -2.0,
                             "timestep_spacing": "linspace"}, 10),
         ("unipc_cfg_euler_final", {**SDXL, "solver_type": "bh2", "euler_at_final": True,
-                                   "final_sigmas_type": "sigma_min", "lower_order_final": False}, 20),
+                                   "final_sigmas_type": "sigma_min",
+                                   "lower_order_final": False}, 20),
         ("karras_hidden_range", {**SDXL, "use_karras_sigmas": True, "sigma_min": 0.05,
                                  "sigma_max": 8.0}, 9),
     ],
@@ -144,6 +147,7 @@ class NoiseRecorder:
 
 
 def run_case(name, sampler, config, steps, seed, tensors):
+    """Runs one sampler × config, adding its tensors to `tensors`; returns its metadata."""
     scheduler = CLASSES[sampler].from_config(config)
     scheduler.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
@@ -169,10 +173,11 @@ def run_case(name, sampler, config, steps, seed, tensors):
             x = prev
     finally:
         euler_a_module.randn_tensor = recorder.original
+    n = len(scheduler.timesteps)
     if identity:
-        for i in range(steps):
+        for i in range(n):
             del tensors[f"{name}.{i}.scaled"]
-    assert len(recorder.drawn) == (steps if sampler == "euler-a" else 0), name
+    assert len(recorder.drawn) == (n if sampler == "euler-a" else 0), name
     for i, noise in enumerate(recorder.drawn):
         tensors[f"{name}.{i}.noise"] = noise
     return {
@@ -197,12 +202,13 @@ def main():
             seed += 17
             cases[name] = run_case(name, sampler, config, steps, seed, tensors)
     tensors = {k: v.contiguous().float() for k, v in tensors.items()}
-    save_file(tensors, os.path.join(OUT, "samplers.safetensors"),
-              metadata={"diffusers": diffusers.__version__, "torch": torch.__version__})
+    # No safetensors metadata: its key order is not stable, and samplers.json has the versions.
+    save_file(tensors, os.path.join(OUT, "samplers.safetensors"))
     meta = {"diffusers": diffusers.__version__, "torch": torch.__version__, "cases": cases}
     with open(os.path.join(OUT, "samplers.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    size = sum(os.path.getsize(os.path.join(OUT, f)) for f in ("samplers.safetensors", "samplers.json"))
+    files = ("samplers.safetensors", "samplers.json")
+    size = sum(os.path.getsize(os.path.join(OUT, f)) for f in files)
     print(f"wrote {len(cases)} cases, {len(tensors)} tensors, {size / 1e3:.0f} kB to {OUT}")
 
 

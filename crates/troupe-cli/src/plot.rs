@@ -144,7 +144,15 @@ fn read_metrics(path: &Path) -> Result<BTreeMap<u64, serde_json::Value>> {
         let step = v["step"]
             .as_u64()
             .with_context(|| format!("{}: line {}: no `step`", path.display(), i + 1))?;
-        by_step.insert(step, v);
+        // Several records may share a step (training line, validation scalars): merge them.
+        match (by_step.get_mut(&step), v) {
+            (Some(serde_json::Value::Object(old)), serde_json::Value::Object(new)) => {
+                old.extend(new)
+            }
+            (_, v) => {
+                by_step.insert(step, v);
+            }
+        }
     }
     Ok(by_step)
 }
@@ -180,13 +188,14 @@ pub fn run(args: PlotArgs) -> Result<ExitCode> {
         "attention loss",
         &series("attn_loss"),
     );
-    panel(
-        &mut img,
-        (pw, ph),
-        (pw, ph),
-        "learning rate (PPR)",
-        &series("lr"),
-    );
+    // The held-out loss when the run has one (a smooth curve), else the learning rate.
+    let val = series("val/loss");
+    let (title, last) = if val.is_empty() {
+        ("learning rate (PPR)", series("lr"))
+    } else {
+        ("validation loss (fixed timesteps and noise)", val)
+    };
+    panel(&mut img, (pw, ph), (pw, ph), title, &last);
     let out = args.out.unwrap_or_else(|| args.run_dir.join("losses.png"));
     img.save(&out)
         .with_context(|| format!("writing {}", out.display()))?;

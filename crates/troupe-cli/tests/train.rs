@@ -245,3 +245,64 @@ fn sigterm_checkpoints_and_stops() {
         .collect();
     assert_eq!(ckpts.len(), 1, "one checkpoint written on SIGTERM");
 }
+
+#[test]
+fn samples_and_validation_during_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = train_with(
+        &run,
+        &[
+            "train.max_steps=4",
+            "samples.every_steps=2",
+            "samples.steps=2",
+            "samples.seeds=[0, 5]",
+            "validation.every_steps=2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in ["step-00000002", "step-00000004"] {
+        let dir = run.join("samples").join(step);
+        // 2 prompts × 2 reference sets × 2 seeds, and the grid (2 columns of 64-px cells).
+        let pngs = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(pngs, 9, "{}", dir.display());
+        let grid = image::open(dir.join("grid.png")).unwrap();
+        assert_eq!((grid.width(), grid.height()), (2 * 66 + 2, 4 * 66 + 2));
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let val: Vec<(u64, f64)> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v["val/loss"].as_f64()?)))
+        .collect();
+    assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), [2, 4]);
+    assert!(val.iter().all(|v| v.1.is_finite() && v.1 > 0.0), "{val:?}");
+    // Both reach TensorBoard: the scalar tag and the grid image.
+    let events = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("tfevents"))
+        .unwrap();
+    let bytes = std::fs::read(events).unwrap();
+    let has = |tag: &[u8]| bytes.windows(tag.len()).any(|w| w == tag);
+    assert!(has(b"val/loss") && has(b"samples") && has(b"\x89PNG"));
+}
+
+#[test]
+fn a_sample_reference_typo_fails_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = train_with(
+        &tmp.path().join("run"),
+        &["samples.references=[[\"datasets/tiny/shard-00000.parquet#no-such-row\"]]"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("samples.references[0]") && stderr.contains("no-such-row"),
+        "{stderr}"
+    );
+}

@@ -112,14 +112,25 @@ impl Pipeline {
         let mut model = Adapter::attach(unet, spec, device)
             .map_err(|e| DiffusionError::input(&file, "", e.message))?;
         model.load_tensors(adapter.state_dict()?)?;
+        Self::from_parts(base, encoders, model, device)
+    }
+
+    /// A pipeline over already loaded parts (training renders samples with the adapter it
+    /// trains); `base` is the SDXL folder they came from.
+    pub fn from_parts(
+        base: &Path,
+        encoders: Encoders,
+        adapter: Adapter,
+        device: &Device,
+    ) -> Result<Self, DiffusionError> {
         let config: serde_json::Value =
-            troupe_models::error::read_json_config(&unet_dir.join("config.json"))?;
+            troupe_models::error::read_json_config(&base.join("unet").join("config.json"))?;
         let sample_size = config["sample_size"].as_u64().unwrap_or(128) as usize;
         Ok(Self {
             default_size: sample_size * encoders.vae.downscale_factor(),
             crop_ops: CropOps::default(),
             encoders,
-            adapter: model,
+            adapter,
             device: device.clone(),
         })
     }
@@ -263,7 +274,8 @@ impl Pipeline {
             let shape = x.dims();
             let device = self.device.clone();
             let mut noise = || host(rng.normals(shape.iter().product()), shape, &device);
-            x = sampler.step(pred, i, x, &mut noise);
+            // Detached: on an autodiff device (training-time samples) no graph outlives a step.
+            x = sampler.step(pred.detach(), i, x, &mut noise).detach();
             on_step(i, &x);
         }
         let image = self.encoders.decode_latents(x);

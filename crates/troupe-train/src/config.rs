@@ -202,6 +202,104 @@ pub struct CheckpointConfig {
     pub keep_last: usize,
 }
 
+/// `[samples]`: images rendered during training from fixed prompts × reference sets × seeds
+/// (`RUN_DIR/samples/step-N/`, grid also in TensorBoard). Off unless `every_steps` > 0.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SamplesConfig {
+    /// Render every N optimizer steps (0: never).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Prompts (grid rows, with each reference set).
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    /// Reference sets, each 1–3 characters: `SHARD#ROW_ID[:CHARACTER]` or
+    /// `image=…,mask=…,embedding=…,keypoints=…` (relative paths from the working directory).
+    #[serde(default)]
+    pub references: Vec<Vec<String>>,
+    /// Seeds (grid columns).
+    #[serde(default = "zero_seed")]
+    pub seeds: Vec<u64>,
+    /// Denoising steps.
+    #[serde(default = "sample_steps")]
+    pub steps: usize,
+    /// Sampler (`unipc`, `ddim`, `euler`, `euler-a`, `dpmpp-2m`).
+    #[serde(default = "unipc")]
+    pub scheduler: String,
+    /// Guidance scale.
+    #[serde(default = "guidance")]
+    pub guidance: f64,
+    /// Image side in pixels (default: `data.resolution`, else the base model's size).
+    #[serde(default)]
+    pub size: Option<usize>,
+}
+
+fn zero_seed() -> Vec<u64> {
+    vec![0]
+}
+fn sample_steps() -> usize {
+    25
+}
+fn unipc() -> String {
+    "unipc".into()
+}
+fn guidance() -> f64 {
+    7.5
+}
+
+impl Default for SamplesConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            prompts: Vec::new(),
+            references: Vec::new(),
+            seeds: zero_seed(),
+            steps: sample_steps(),
+            scheduler: unipc(),
+            guidance: guidance(),
+            size: None,
+        }
+    }
+}
+
+/// `[validation]`: the loss on held-out shards at fixed timesteps and fixed noise (`val/loss`),
+/// a smooth curve where the training loss is dominated by timestep noise. Off unless
+/// `every_steps` > 0.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Evaluate every N optimizer steps (0: never).
+    #[serde(default)]
+    pub every_steps: u64,
+    /// Held-out shard files or folders.
+    #[serde(default)]
+    pub shards: Vec<PathBuf>,
+    /// Batches (of `train.batch_size`) taken from them, the same every time.
+    #[serde(default = "val_batches")]
+    pub batches: usize,
+    /// Timesteps every batch is evaluated at.
+    #[serde(default = "val_timesteps")]
+    pub timesteps: Vec<usize>,
+}
+
+fn val_batches() -> usize {
+    4
+}
+fn val_timesteps() -> Vec<usize> {
+    vec![100, 300, 500, 700, 900]
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            shards: Vec::new(),
+            batches: val_batches(),
+            timesteps: val_timesteps(),
+        }
+    }
+}
+
 /// The whole config.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -219,6 +317,12 @@ pub struct TrainConfig {
     pub objective: ObjectiveConfig,
     /// `[checkpoint]`.
     pub checkpoint: CheckpointConfig,
+    /// `[samples]`.
+    #[serde(default)]
+    pub samples: SamplesConfig,
+    /// `[validation]`.
+    #[serde(default)]
+    pub validation: ValidationConfig,
 }
 
 impl TrainConfig {
@@ -391,6 +495,42 @@ impl TrainConfig {
         }
         if let Some(g) = o.snr_gamma {
             check(g > 0.0, "objective.snr_gamma", "must be > 0")?;
+        }
+        let sm = &self.samples;
+        if sm.every_steps > 0 {
+            check(
+                !sm.prompts.is_empty(),
+                "samples.prompts",
+                "must name at least one prompt",
+            )?;
+            check(
+                !sm.references.is_empty()
+                    && sm.references.iter().all(|r| (1..=3).contains(&r.len())),
+                "samples.references",
+                "must hold reference sets of 1 to 3 characters",
+            )?;
+            check(
+                !sm.seeds.is_empty(),
+                "samples.seeds",
+                "must name at least one seed",
+            )?;
+            check(sm.steps > 0, "samples.steps", "must be > 0")?;
+            troupe_diffusion::samplers::SamplerKind::parse(&sm.scheduler)
+                .map_err(|e| format!("`samples.scheduler`: {e}"))?;
+        }
+        let v = &self.validation;
+        if v.every_steps > 0 {
+            check(
+                !v.shards.is_empty(),
+                "validation.shards",
+                "must name at least one shard or folder",
+            )?;
+            check(v.batches > 0, "validation.batches", "must be > 0")?;
+            check(
+                !v.timesteps.is_empty(),
+                "validation.timesteps",
+                "must name at least one timestep",
+            )?;
         }
         Ok(())
     }

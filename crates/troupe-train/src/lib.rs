@@ -8,6 +8,7 @@
 //!   StoryMaker losses (region-weighted noise MSE, attention-map loss).
 //! * [`optim`]: AdamW keyed by parameter name (saves and restores itself), global-norm
 //!   clipping, learning-rate schedules.
+//! * [`samples`]: images rendered during training; [`validation`]: the held-out loss.
 //! * [`checkpoint`]: atomic checkpoints with exact resume.
 //! * [`pretrained`]: initialisation from the public IP-Adapter checkpoints.
 //! * [`device`]: `train.device` → a burn device (`cpu`; `cuda`/`vulkan` behind cargo features).
@@ -23,5 +24,7 @@ pub mod objective;
 pub mod optim;
 pub mod pretrained;
 pub mod records;
+pub mod samples;
 pub mod tensorboard;
 pub mod trainer;
+pub mod validation;

@@ -111,9 +111,22 @@ impl StepNoise {
         config: &ObjectiveConfig,
         steps: usize,
         b: usize,
-        [c, h, w]: [usize; 3],
+        latent: [usize; 3],
     ) -> Self {
         let timesteps = (0..b).map(|_| rng.below(steps as u64) as usize).collect();
+        Self::at_timesteps(rng, config, timesteps, latent, true)
+    }
+
+    /// The randomness of a step at given `timesteps` (one per sample); token-group dropout
+    /// coins are drawn only when `token_dropout` is set (validation has none).
+    pub fn at_timesteps(
+        rng: &mut KeyedRng,
+        config: &ObjectiveConfig,
+        timesteps: Vec<usize>,
+        [c, h, w]: [usize; 3],
+        token_dropout: bool,
+    ) -> Self {
+        let b = timesteps.len();
         let mut noise = rng.normals(b * c * h * w);
         let offset = rng.normals(b * c);
         for (i, n) in noise.iter_mut().enumerate() {
@@ -122,6 +135,9 @@ impl StepNoise {
         let vae_noise = rng.normals(b * c * h * w);
         let token_drop = (0..b)
             .map(|_| {
+                if !token_dropout {
+                    return (false, false);
+                }
                 (
                     rng.uniform() < config.drop_face_tokens,
                     rng.uniform() < config.drop_body_tokens,

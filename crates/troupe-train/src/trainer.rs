@@ -19,6 +19,7 @@ use troupe_data::recipe::RecipeConfig;
 use troupe_data::rng::{KeyedRng, Purpose};
 use troupe_data::shard::find_shards;
 use troupe_diffusion::conditioning::Encoders;
+use troupe_diffusion::pipeline::Pipeline;
 use troupe_models::adapter::Adapter;
 use troupe_models::adapter_file::{AdapterFormat, ExportDType, write_adapter};
 use troupe_models::unet::UNet2DConditionModel;
@@ -29,6 +30,8 @@ use crate::objective::{StepNoise, forward};
 use crate::optim::{AdamW, LearningRates, ParamNames, clip_grad_norm};
 use crate::pretrained::init_from_pretrained;
 use crate::records::{Records, StepStats};
+use crate::samples::Samples;
+use crate::validation::Validation;
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +94,8 @@ pub fn resume(run_dir: &Path, stop: Arc<AtomicBool>) -> Result<Outcome> {
     run(config, true, stop)
 }
 
-fn loader_config(config: &TrainConfig, encoders: &Encoders) -> LoaderConfig {
+/// The loader settings of a run (also used for its validation batches).
+pub(crate) fn loader_config(config: &TrainConfig, encoders: &Encoders) -> LoaderConfig {
     let d = &config.data;
     let size_rule = match d.resolution {
         None => SizeRule::reference(),
@@ -130,8 +134,11 @@ fn loader_config(config: &TrainConfig, encoders: &Encoders) -> LoaderConfig {
 struct Run {
     config: TrainConfig,
     device: Device,
-    encoders: Encoders,
-    adapter: Adapter,
+    /// The frozen encoders and the adapter being trained: the generation pipeline itself, so
+    /// samples render from exactly what trains.
+    pipeline: Pipeline,
+    samples: Option<Samples>,
+    validation: Option<Validation>,
     names: ParamNames,
     opt: AdamW,
     loader: Loader,
@@ -221,6 +228,17 @@ impl Run {
         for (group, params) in adapter.param_groups() {
             names.add(params, group);
         }
+        let pipeline = Pipeline::from_parts(&config.model.base, encoders, adapter, &device)?;
+        let size = config
+            .samples
+            .size
+            .or(config.data.resolution.map(|r| r as usize));
+        let samples = Samples::prepare(
+            &config.samples,
+            &pipeline,
+            size.unwrap_or(pipeline.default_size),
+        )?;
+        let validation = Validation::prepare(&config, &pipeline.encoders)?;
         let records = Records::open(&dir, state.step)?;
         let outcome = Outcome {
             step: state.step,
@@ -231,8 +249,9 @@ impl Run {
         Ok(Self {
             config,
             device,
-            encoders,
-            adapter,
+            pipeline,
+            samples,
+            validation,
             names,
             opt,
             loader,
@@ -276,17 +295,24 @@ impl Run {
                 eprintln!("warning: skipped a bad row: {e}");
             }
             s.samples += batch.len();
-            let f = self.encoders.vae.downscale_factor();
+            let f = self.pipeline.encoders.vae.downscale_factor();
             let latent = [
-                self.encoders.vae.latent_channels(),
+                self.pipeline.encoders.vae.latent_channels(),
                 batch.height as usize / f,
                 batch.width as usize / f,
             ];
             let mut rng = KeyedRng::new(t.seed, Purpose::Train, step, micro);
-            let steps = self.encoders.schedule.steps();
+            let steps = self.pipeline.encoders.schedule.steps();
             let rnd = StepNoise::draw(&mut rng, &self.config.objective, steps, batch.len(), latent);
             let o = &self.config.objective;
-            let losses = forward(&self.encoders, &self.adapter, &batch, &rnd, o, &self.device)?;
+            let losses = forward(
+                &self.pipeline.encoders,
+                &self.pipeline.adapter,
+                &batch,
+                &rnd,
+                o,
+                &self.device,
+            )?;
             let (l, n, a): (f32, f32, f32) = (
                 losses.total.clone().into_scalar(),
                 losses.noise.clone().into_scalar(),
@@ -298,19 +324,24 @@ impl Run {
             s.attn_loss += a as f64 * scale;
             let grads = losses.total.mul_scalar(scale).backward();
             acc.accumulate(
-                &self.adapter,
-                GradientsParams::from_grads(grads, &self.adapter),
+                &self.pipeline.adapter,
+                GradientsParams::from_grads(grads, &self.pipeline.adapter),
             );
         }
         let mut grads = acc.grads();
-        s.grad_norm = clip_grad_norm(&self.adapter, &self.names, &mut grads, t.max_grad_norm);
+        s.grad_norm = clip_grad_norm(
+            &self.pipeline.adapter,
+            &self.names,
+            &mut grads,
+            t.max_grad_norm,
+        );
         s.finite &= s.grad_norm.is_finite();
         let lrs = self.learning_rates();
         s.lr = lrs[troupe_models::adapter::GROUP_PPR];
         s.lr_adapter = lrs[troupe_models::adapter::GROUP_PROCESSORS];
         if s.finite {
-            let adapter = self.adapter.clone();
-            self.adapter = self.opt.step(adapter, &self.names, &mut grads, &lrs);
+            let adapter = self.pipeline.adapter.clone();
+            self.pipeline.adapter = self.opt.step(adapter, &self.names, &mut grads, &lrs);
             self.state.consecutive_nonfinite = 0;
             self.outcome.losses.push(s.loss);
         } else {
@@ -345,6 +376,25 @@ impl Run {
         Ok(())
     }
 
+    /// Validation loss and samples when due after this step.
+    fn evaluate_if_due(&mut self) -> Result<()> {
+        let step = self.state.step;
+        if let Some(v) = self.validation.as_ref().filter(|v| v.due(step)) {
+            let p = &self.pipeline;
+            let loss = v.loss(&self.config, &p.encoders, &p.adapter, &self.device)?;
+            self.records.scalars(step, &[("val/loss", loss)])?;
+        }
+        if let Some(s) = self.samples.as_ref().filter(|s| s.due(step)) {
+            s.render(
+                &self.pipeline,
+                &self.config.run.dir,
+                step,
+                &mut self.records,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Metadata of the adapter files this run writes: the architecture, base model and step;
     /// the final export also names the config's hash (checkpoints leave it out, so a run's
     /// checkpoints do not depend on where the run lives).
@@ -361,7 +411,7 @@ impl Run {
             let hash = sha2::Sha256::digest(self.config.to_toml().as_bytes());
             extra.push(("config_sha256".to_string(), format!("{hash:x}")));
         }
-        self.adapter.metadata(extra)
+        self.pipeline.adapter.metadata(extra)
     }
 
     /// Checkpoints every `checkpoint.every_steps`, at the last step, and when interrupted.
@@ -371,7 +421,7 @@ impl Run {
         if step % c.every_steps == 0 || step == self.config.train.max_steps || interrupted {
             let path = checkpoint::save(
                 &self.config.run.dir,
-                &self.adapter,
+                &self.pipeline.adapter,
                 self.adapter_metadata(false),
                 &self.opt,
                 &self.state,
@@ -387,7 +437,7 @@ impl Run {
         let path = self.config.run.dir.join("adapter.safetensors");
         write_adapter(
             &path,
-            &self.adapter.tensors(),
+            &self.pipeline.adapter.tensors(),
             AdapterFormat::Safetensors,
             ExportDType::F32,
             self.adapter_metadata(true),
@@ -414,6 +464,7 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
         let log = step % run.config.train.log_every == 0 || step == max_steps;
         let skipped = run.state.skipped_nonfinite;
         run.records.step(&stats, step, max_steps, skipped, log)?;
+        run.evaluate_if_due()?;
         let interrupted = stop.load(Ordering::SeqCst);
         run.checkpoint_if_due(interrupted)?;
         if crash_after == Some(step) {

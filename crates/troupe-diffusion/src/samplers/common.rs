@@ -11,7 +11,7 @@
 use burn::prelude::*;
 use serde_json::{Map, Value};
 
-use super::SamplerError;
+use super::{Sampler, SamplerError};
 use crate::schedule::{NoiseSchedule, Prediction, SchedulerConfig};
 
 /// One diffusers class's view of the config: `from_config` passes it the fields it declares
@@ -526,4 +526,30 @@ pub(crate) fn solve(mut a: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
         }
     }
     b
+}
+
+/// DDIM and the multistep solvers draw no noise and give the UNet the sample unscaled; they
+/// implement [`Sampler`] through this trait (public only inside this private module).
+pub trait Deterministic {
+    /// [`Sampler::timesteps`].
+    fn schedule_timesteps(&self) -> &[f32];
+
+    /// [`Sampler::step`] without a noise source.
+    fn advance(&mut self, model_output: Tensor<4>, index: usize, sample: Tensor<4>) -> Tensor<4>;
+}
+
+impl<T: Deterministic> Sampler for T {
+    fn timesteps(&self) -> &[f32] {
+        self.schedule_timesteps()
+    }
+
+    fn step(
+        &mut self,
+        model_output: Tensor<4>,
+        index: usize,
+        sample: Tensor<4>,
+        _noise: &mut dyn FnMut() -> Tensor<4>,
+    ) -> Tensor<4> {
+        self.advance(model_output, index, sample)
+    }
 }

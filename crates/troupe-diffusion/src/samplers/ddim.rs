@@ -3,10 +3,11 @@
 
 use burn::prelude::*;
 
+use super::SamplerError;
 use super::common::{
-    Fields, Grid, Spacing, alphas_cumprod, check_steps, no_thresholding, spaced_timesteps,
+    Deterministic, Fields, Grid, Spacing, alphas_cumprod, check_steps, no_thresholding,
+    spaced_timesteps,
 };
-use super::{Sampler, SamplerError};
 use crate::schedule::{Prediction, SchedulerConfig};
 
 const CLASS: &str = "DDIMScheduler";
@@ -67,18 +68,12 @@ impl Ddim {
     }
 }
 
-impl Sampler for Ddim {
-    fn timesteps(&self) -> &[f32] {
+impl Deterministic for Ddim {
+    fn schedule_timesteps(&self) -> &[f32] {
         &self.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: Tensor<4>,
-        index: usize,
-        sample: Tensor<4>,
-        _noise: &mut dyn FnMut() -> Tensor<4>,
-    ) -> Tensor<4> {
+    fn advance(&mut self, model_output: Tensor<4>, index: usize, sample: Tensor<4>) -> Tensor<4> {
         let (alpha, alpha_prev) = self.alphas[index];
         let (a, b) = (alpha.sqrt(), (1.0 - alpha).sqrt());
         let (denoised, epsilon) = match self.prediction {

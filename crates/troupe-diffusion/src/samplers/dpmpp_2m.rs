@@ -4,11 +4,11 @@
 
 use burn::prelude::*;
 
+use super::SamplerError;
 use super::common::{
-    Fields, FinalSigma, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod, check_steps,
-    lambda, no_thresholding, solver_data_prediction,
+    Deterministic, Fields, FinalSigma, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod,
+    check_steps, lambda, no_thresholding, solver_data_prediction,
 };
-use super::{Sampler, SamplerError};
 use crate::schedule::{Prediction, SchedulerConfig};
 
 const CLASS: &str = "DPMSolverMultistepScheduler";
@@ -118,13 +118,14 @@ impl DpmPp2M {
         let ((alpha_t, sigma_t), (_, sigma_s0)) =
             (alpha_sigma(sigmas[index + 1]), alpha_sigma(sigmas[index]));
         let h = lambda(sigmas[index + 1]) - lambda(sigmas[index]);
-        let phi = alpha_t * ((-h).exp() - 1.0);
+        let exp_m1 = (-h).exp() - 1.0;
+        let phi = alpha_t * exp_m1;
         let x = sample
             .mul_scalar(sigma_t / sigma_s0)
             .sub(d0.mul_scalar(phi));
         match d1 {
             None => x,
-            Some(d1) if self.heun => x.add(d1.mul_scalar(alpha_t * (((-h).exp() - 1.0) / h + 1.0))),
+            Some(d1) if self.heun => x.add(d1.mul_scalar(alpha_t * (exp_m1 / h + 1.0))),
             Some(d1) => x.sub(d1.mul_scalar(0.5 * phi)),
         }
     }
@@ -142,18 +143,12 @@ impl DpmPp2M {
     }
 }
 
-impl Sampler for DpmPp2M {
-    fn timesteps(&self) -> &[f32] {
+impl Deterministic for DpmPp2M {
+    fn schedule_timesteps(&self) -> &[f32] {
         &self.schedule.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: Tensor<4>,
-        index: usize,
-        sample: Tensor<4>,
-        _noise: &mut dyn FnMut() -> Tensor<4>,
-    ) -> Tensor<4> {
+    fn advance(&mut self, model_output: Tensor<4>, index: usize, sample: Tensor<4>) -> Tensor<4> {
         let sigma = self.schedule.sigmas[index];
         let m0 = solver_data_prediction(self.prediction, model_output, sample.clone(), sigma);
         let previous = self.previous.replace(m0.clone());

@@ -5,11 +5,11 @@
 
 use burn::prelude::*;
 
+use super::SamplerError;
 use super::common::{
-    Fields, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod, check_steps, lambda,
-    no_thresholding, solve, solver_data_prediction, solver_noise_prediction,
+    Deterministic, Fields, SigmaSchedule, SolverGrid, alpha_sigma, alphas_cumprod, check_steps,
+    lambda, no_thresholding, solve, solver_data_prediction, solver_noise_prediction,
 };
-use super::{Sampler, SamplerError};
 use crate::schedule::{Prediction, SchedulerConfig};
 
 const CLASS: &str = "UniPCMultistepScheduler";
@@ -217,18 +217,12 @@ fn power_row(rks: &[f32], p: usize) -> Vec<f32> {
     rks.iter().map(|r| r.powi(p as i32)).collect()
 }
 
-impl Sampler for UniPc {
-    fn timesteps(&self) -> &[f32] {
+impl Deterministic for UniPc {
+    fn schedule_timesteps(&self) -> &[f32] {
         &self.schedule.timesteps
     }
 
-    fn step(
-        &mut self,
-        model_output: Tensor<4>,
-        index: usize,
-        sample: Tensor<4>,
-        _noise: &mut dyn FnMut() -> Tensor<4>,
-    ) -> Tensor<4> {
+    fn advance(&mut self, model_output: Tensor<4>, index: usize, sample: Tensor<4>) -> Tensor<4> {
         let converted = self.convert(model_output, sample.clone(), index);
         let sample = match self.last_sample.take() {
             Some(last) if index > 0 && !self.disable_corrector.contains(&(index as i64 - 1)) => {
