@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
-use troupe_diffusion::pipeline::{Pipeline, Settings, to_rgb8};
+use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
 use troupe_diffusion::samplers::SamplerKind;
 use troupe_models::adapter_file::AdapterFile;
@@ -75,6 +75,10 @@ pub struct SampleArgs {
     /// (num_images, C, H/8, W/8), as diffusers' `latents=` (before `init_noise_sigma`).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// Images per UNet batch: consecutive jobs with the same steps, sampler, guidance, scales
+    /// and size are generated together up to this many images (a job is never split).
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
     /// `cpu`, `cuda[:N]` or `vulkan[:N]`.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -227,36 +231,53 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     let total: usize = jobs.iter().map(|j| j.settings.num_images).sum();
     let started = Instant::now();
     let (mut done, mut all, mut columns) = (0usize, Vec::new(), 1usize);
-    for (job, characters) in jobs.iter().zip(&prepared) {
-        let s = &job.settings;
+    for range in batches(&jobs, args.batch_size) {
+        let group = &jobs[range.clone()];
+        let (steps, images) = (
+            group[0].settings.steps,
+            group.iter().map(|j| j.settings.num_images).sum::<usize>(),
+        );
+        let label = match group {
+            [one] => one.name.clone(),
+            [a, .., b] => format!("{} … {}", a.name, b.name),
+            [] => unreachable!("batches are never empty"),
+        };
         let mut on_step = |i: usize, _: &burn::prelude::Tensor<4>| {
             let secs = started.elapsed().as_secs_f64();
-            let frac = done as f64 + (i + 1) as f64 / s.steps as f64 * s.num_images as f64;
+            let frac = done as f64 + (i + 1) as f64 / steps as f64 * images as f64;
             let rate = frac / secs.max(1e-9);
             let eta = (total as f64 - frac) / rate.max(1e-12);
             eprint!(
-                "\r{}: step {}/{} | {rate:.3} images/s | ETA {}\x1b[K",
-                job.name,
+                "\r{label}: step {}/{steps} | {rate:.3} images/s | ETA {}\x1b[K",
                 i + 1,
-                s.steps,
                 troupe_train::records::format_eta(eta)
             );
         };
-        let images = pipeline.generate(s, characters, latents.clone(), &mut on_step)?;
+        let requests = range
+            .clone()
+            .map(|k| Request {
+                settings: &jobs[k].settings,
+                characters: &prepared[k],
+                latents: latents.clone(),
+            })
+            .collect();
+        let outputs = pipeline.generate_batch(requests, &mut on_step)?;
         eprintln!();
-        for (i, img) in to_rgb8(images).into_iter().enumerate() {
-            let stem = format!("{}-{i:02}", job.name);
-            let file = args.out.join(format!("{stem}.png"));
-            write_atomic(&file, &png(&img))
-                .with_context(|| format!("writing {}", file.display()))?;
-            let sidecar = sidecar(job, i, &args, &adapter_path, &adapter_sha);
-            let path = args.out.join(format!("{stem}.json"));
-            write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
-            println!("{}", file.display());
-            all.push(img);
+        for (job, images) in group.iter().zip(outputs) {
+            for (i, img) in to_rgb8(images).into_iter().enumerate() {
+                let stem = format!("{}-{i:02}", job.name);
+                let file = args.out.join(format!("{stem}.png"));
+                write_atomic(&file, &png(&img))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                let sidecar = sidecar(job, i, &args, &adapter_path, &adapter_sha);
+                let path = args.out.join(format!("{stem}.json"));
+                write_atomic(&path, serde_json::to_string_pretty(&sidecar)?.as_bytes())?;
+                println!("{}", file.display());
+                all.push(img);
+            }
+            columns = columns.max(job.settings.num_images);
         }
-        done += s.num_images;
-        columns = columns.max(s.num_images);
+        done += images;
     }
     let grid = args.out.join("grid.png");
     write_atomic(&grid, &png(&contact_sheet(&all, columns)))?;
@@ -267,6 +288,30 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
         grid.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Consecutive jobs that can share a UNet batch (same [`Settings::batch_key`]), up to
+/// `max_images` images per batch (a job is never split).
+fn batches(jobs: &[Job], max_images: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut images = 0;
+    for (k, job) in jobs.iter().enumerate() {
+        let n = job.settings.num_images;
+        match out.last_mut() {
+            Some(r)
+                if jobs[r.start].settings.batch_key() == job.settings.batch_key()
+                    && images + n <= max_images =>
+            {
+                r.end = k + 1;
+                images += n;
+            }
+            _ => {
+                out.push(k..k + 1);
+                images = n;
+            }
+        }
+    }
+    out
 }
 
 fn sidecar(

@@ -227,3 +227,55 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
         assert!(!out.exists(), "{extra:?}: {} was created", out.display());
     }
 }
+
+#[test]
+fn jobs_batched_equal_jobs_one_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let one = reference(0, &[]);
+    let two = [reference(0, &[]), reference(1, &[])];
+    let jobs = tmp.path().join("jobs.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": "a person", "references": [one], "seed": 1, "name": "a"}),
+        serde_json::json!({"prompt": "two people", "references": two, "seed": 2, "num_images": 2,
+                           "negative_prompt": "ugly", "name": "b"}),
+        serde_json::json!({"prompt": "a person", "references": [one], "seed": 3, "scheduler": "euler-a",
+                           "name": "c"}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&jobs, text.join("\n")).unwrap();
+    let run = |batch: &str, out: &Path| {
+        let a = [
+            "sample",
+            "--model",
+            "configs/tiny-sdxl",
+            "--image-encoder",
+            "configs/tiny-sdxl/image_encoder",
+            "--steps",
+            "3",
+            "--adapter",
+            a.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--jobs",
+            jobs.to_str().unwrap(),
+            "--batch-size",
+            batch,
+        ];
+        let o = troupe(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (batched, single) = (tmp.path().join("batched"), tmp.path().join("single"));
+    run("4", &batched);
+    run("1", &single);
+    for f in ["a-00.png", "b-00.png", "b-01.png", "c-00.png"] {
+        let (x, y) = (
+            std::fs::read(batched.join(f)).unwrap(),
+            std::fs::read(single.join(f)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{f} differs between batched and one-at-a-time generation"
+        );
+    }
+}

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, Int};
 use troupe_data::rng::{KeyedRng, Purpose};
 use troupe_models::adapter::Adapter;
 use troupe_models::adapter_file::AdapterFile;
@@ -50,6 +50,21 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What requests of one UNet batch must share: steps, sampler, guidance, both scales and
+    /// the size (prompts, negative prompts, references, seeds and counts may differ).
+    pub fn batch_key(&self) -> String {
+        format!(
+            "{}|{}|{}|{}|{}|{}x{}",
+            self.steps,
+            self.sampler.name(),
+            self.guidance,
+            self.ip_scale,
+            self.lora_scale,
+            self.width,
+            self.height
+        )
+    }
+
     /// The reference's settings for `prompt` at `width` × `height`: UniPC, 25 steps,
     /// guidance 7.5, both scales 0.8, one image, seed 0.
     pub fn new(prompt: &str, width: usize, height: usize) -> Self {
@@ -217,33 +232,72 @@ impl Pipeline {
         latents: Option<Tensor<4>>,
         on_step: &mut dyn FnMut(usize, &Tensor<4>),
     ) -> Result<Tensor<4>, DiffusionError> {
-        self.check(settings)?;
-        let want = self.latent_shape(settings);
-        let latents = match latents {
-            Some(l) if l.dims() != want => {
+        let request = Request {
+            settings,
+            characters,
+            latents,
+        };
+        let mut images = self.generate_batch(vec![request], on_step)?;
+        Ok(images.remove(0))
+    }
+
+    /// Generates several requests in one UNet batch. They must share everything but the
+    /// prompt, negative prompt, references, seed and image count ([`Settings::batch_key`]);
+    /// each request's noise comes from its own seed. Returns each request's images.
+    pub fn generate_batch(
+        &self,
+        requests: Vec<Request<'_>>,
+        on_step: &mut dyn FnMut(usize, &Tensor<4>),
+    ) -> Result<Vec<Tensor<4>>, DiffusionError> {
+        let first = requests
+            .first()
+            .ok_or_else(|| DiffusionError::input("generate", "", "no request"))?
+            .settings
+            .clone();
+        for r in &requests {
+            self.check(r.settings)?;
+            if r.settings.batch_key() != first.batch_key() {
                 return Err(DiffusionError::input(
-                    "--latents",
-                    "latents",
-                    format!("has shape {:?}, expected {want:?}", l.dims()),
+                    "generate",
+                    "",
+                    "requests of one batch must share steps, sampler, guidance, scales and size",
                 ));
             }
-            Some(l) => l,
-            None => self.initial_noise(settings),
-        };
-        let cond = self.conditioning(settings, characters)?;
-        let cfg = settings.guidance > 1.0;
-        let mut sampler =
-            samplers::build(settings.sampler, &self.encoders.scheduler, settings.steps)?;
-        let mut x = latents.mul_scalar(sampler.init_noise_sigma());
-        let mut rng = KeyedRng::new(settings.seed, Purpose::Generate, 1, 0);
+        }
+        let counts: Vec<usize> = requests.iter().map(|r| r.settings.num_images).collect();
+        let mut x = Vec::new();
+        for r in &requests {
+            let want = self.latent_shape(r.settings);
+            x.push(match &r.latents {
+                Some(l) if l.dims() != want => {
+                    return Err(DiffusionError::input(
+                        "--latents",
+                        "latents",
+                        format!("has shape {:?}, expected {want:?}", l.dims()),
+                    ));
+                }
+                Some(l) => l.clone(),
+                None => self.initial_noise(r.settings),
+            });
+        }
+        let (context, pooled, time_ids, ip_bias) = self.conditioning(&first, &requests)?;
+        let cfg = first.guidance > 1.0;
+        let mut sampler = samplers::build(first.sampler, &self.encoders.scheduler, first.steps)?;
+        let mut x = Tensor::cat(x, 0).mul_scalar(sampler.init_noise_sigma());
+        let mut rngs: Vec<KeyedRng> = requests
+            .iter()
+            .map(|r| KeyedRng::new(r.settings.seed, Purpose::Generate, 1, 0))
+            .collect();
         let ctx = AttnContext {
             scales: AdapterScales {
-                lora: settings.lora_scale,
-                ip: settings.ip_scale,
+                lora: first.lora_scale,
+                ip: first.ip_scale,
                 ..AdapterScales::default()
             },
+            ip_bias,
             ..AttnContext::default()
         };
+        let n: usize = counts.iter().sum();
         let timesteps = sampler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if cfg {
@@ -257,89 +311,110 @@ impl Pipeline {
                 UNetInput {
                     sample: input,
                     timestep: host(vec![t; b], [b], &self.device),
-                    encoder_hidden_states: cond.0.clone(),
-                    text_embeds: Some(cond.1.clone()),
-                    time_ids: Some(cond.2.clone()),
+                    encoder_hidden_states: context.clone(),
+                    text_embeds: Some(pooled.clone()),
+                    time_ids: Some(time_ids.clone()),
                 },
                 &ctx,
             );
             let pred = if cfg {
-                let n = settings.num_images;
                 let u = out.sample.clone().narrow(0, 0, n);
                 let c = out.sample.narrow(0, n, n);
-                u.clone() + (c - u).mul_scalar(settings.guidance)
+                u.clone() + (c - u).mul_scalar(first.guidance)
             } else {
                 out.sample
             };
-            let shape = x.dims();
+            let [_, lc, lh, lw] = x.dims();
             let device = self.device.clone();
-            let mut noise = || host(rng.normals(shape.iter().product()), shape, &device);
+            let mut noise = || {
+                let parts = rngs
+                    .iter_mut()
+                    .zip(&counts)
+                    .map(|(rng, &k)| host(rng.normals(k * lc * lh * lw), [k, lc, lh, lw], &device))
+                    .collect();
+                Tensor::cat(parts, 0)
+            };
             // Detached: on an autodiff device (training-time samples) no graph outlives a step.
             x = sampler.step(pred.detach(), i, x, &mut noise).detach();
             on_step(i, &x);
         }
-        let image = self.encoders.decode_latents(x);
-        Ok(image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0))
+        let images = self.encoders.decode_latents(x);
+        let images = images.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0);
+        let mut out = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for k in counts {
+            out.push(images.clone().narrow(0, at, k));
+            at += k;
+        }
+        Ok(out)
     }
 
-    /// `(context, pooled, time_ids)` of the UNet batch: with guidance `[uncond × N; cond × N]`
-    /// (diffusers' order), else `cond × N`.
+    /// `(context, pooled, time_ids, image-token bias)` of the UNet batch. Rows: with guidance
+    /// every request's unconditional branch, then every conditional one (diffusers' order for
+    /// one request), each repeated for the request's images; without guidance only the latter.
+    #[allow(clippy::type_complexity)]
     fn conditioning(
         &self,
-        settings: &Settings,
-        characters: &CharacterFeatures,
-    ) -> Result<(Tensor<3>, Tensor<2>, Tensor<2>), DiffusionError> {
-        let n = settings.num_images;
+        first: &Settings,
+        requests: &[Request<'_>],
+    ) -> Result<(Tensor<3>, Tensor<2>, Tensor<2>, Option<Tensor<2>>), DiffusionError> {
         let d = &self.device;
-        let (text, pooled) = self
-            .encoders
-            .encode_prompts(&[settings.prompt.clone()], d)?;
-        let cfg = settings.guidance > 1.0;
-        let (mut texts, mut pooleds, mut images) = (vec![], vec![], vec![]);
+        let prompts: Vec<String> = requests.iter().map(|r| r.settings.prompt.clone()).collect();
+        let (text, pooled) = self.encoders.encode_prompts(&prompts, d)?;
+        let cfg = first.guidance > 1.0;
+        let (mut texts, mut pooleds, mut features) = (vec![], vec![], vec![]);
         if cfg {
-            let (neg, neg_pooled) = match &settings.negative_prompt {
-                None if self.encoders.force_zeros_for_empty_prompt => {
-                    (text.zeros_like(), pooled.zeros_like())
-                }
-                other => {
-                    let p = other.clone().unwrap_or_default();
-                    self.encoders.encode_prompts(&[p], d)?
-                }
-            };
-            texts.push(neg);
-            pooleds.push(neg_pooled);
-            images.push(characters.zeros_like());
+            for (i, r) in requests.iter().enumerate() {
+                let (neg, neg_pooled) = match &r.settings.negative_prompt {
+                    None if self.encoders.force_zeros_for_empty_prompt => (
+                        text.clone().narrow(0, i, 1).zeros_like(),
+                        pooled.clone().narrow(0, i, 1).zeros_like(),
+                    ),
+                    other => {
+                        let p = other.clone().unwrap_or_default();
+                        self.encoders.encode_prompts(&[p], d)?
+                    }
+                };
+                texts.push(neg);
+                pooleds.push(neg_pooled);
+                features.push(r.characters.zeros_like());
+            }
         }
         texts.push(text);
         pooleds.push(pooled);
-        images.push(characters.clone());
-        let (tokens, _) = image_tokens(&self.adapter.ppr, images, d);
-        let context = Tensor::cat(vec![Tensor::cat(texts, 0), tokens], 1); // [1|2, M, D]
+        features.extend(requests.iter().map(|r| r.characters.clone()));
+        let (tokens, bias) = image_tokens(&self.adapter.ppr, features, d);
+        let context = Tensor::cat(vec![Tensor::cat(texts, 0), tokens], 1); // [branches·k, M, D]
         let pooled = Tensor::cat(pooleds, 0);
-        let branches = context.dims()[0];
-        // Each branch repeated for every image: [b0 × n; b1 × n].
-        let repeat3 = |t: Tensor<3>| {
-            let [b, m, k] = t.dims();
-            t.unsqueeze_dim::<4>(1)
-                .expand([b, n, m, k])
-                .reshape([b * n, m, k])
-        };
-        let repeat2 = |t: Tensor<2>| {
-            let [b, k] = t.dims();
-            t.unsqueeze_dim::<3>(1)
-                .expand([b, n, k])
-                .reshape([b * n, k])
-        };
-        let (h, w) = (settings.height as f32, settings.width as f32);
-        let ids: Vec<f32> = (0..branches * n)
-            .flat_map(|_| [h, w, 0.0, 0.0, h, w])
+        // Row r of the per-request tensors, repeated for each of its request's images.
+        let branches = if cfg { 2 } else { 1 };
+        let rows: Vec<i64> = (0..branches)
+            .flat_map(|b| {
+                requests.iter().enumerate().flat_map(move |(i, r)| {
+                    std::iter::repeat_n((b * requests.len() + i) as i64, r.settings.num_images)
+                })
+            })
             .collect();
+        let index = Tensor::<1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), d);
+        let (h, w) = (first.height as f32, first.width as f32);
+        let ids: Vec<f32> = rows.iter().flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
         Ok((
-            repeat3(context),
-            repeat2(pooled),
-            host(ids, [branches * n, 6], d),
+            context.select(0, index.clone()),
+            pooled.select(0, index.clone()),
+            host(ids, [rows.len(), 6], d),
+            bias.map(|b| b.select(0, index)),
         ))
     }
+}
+
+/// One request of a [`Pipeline::generate_batch`] call.
+pub struct Request<'a> {
+    /// Its settings.
+    pub settings: &'a Settings,
+    /// Its characters' features ([`Pipeline::characters`]).
+    pub characters: &'a CharacterFeatures,
+    /// Initial latents (seeded noise when `None`).
+    pub latents: Option<Tensor<4>>,
 }
 
 /// `[N, 3, H, W]` in [0, 1] → 8-bit RGB images as diffusers' `numpy_to_pil` makes them:

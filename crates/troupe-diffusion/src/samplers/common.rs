@@ -5,8 +5,9 @@
 //!
 //! Scalars are computed on the host in the precision diffusers uses for them: f64 where it
 //! works in NumPy, f32 where it works on 0-d float32 torch tensors. The latents only see
-//! `mul_scalar`/`div_scalar`/`add`/`sub` in diffusers' operation order, so f32 results match
-//! PyTorch's to the last bit or nearly.
+//! `mul_scalar`/`div_scalar`/`add`/`sub` in diffusers' operation order, so results agree with
+//! PyTorch's to a few f32 ulps: not to the bit, because PyTorch's CPU sqrt/exp/log (MKL VML)
+//! are not correctly rounded, so a σ or λ may differ in its last bit.
 
 use burn::prelude::*;
 use serde_json::{Map, Value};
