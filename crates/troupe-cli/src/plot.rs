@@ -91,7 +91,8 @@ fn panel(
     let (mut lo, mut hi) = finite
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    if !(hi > lo) {
+    // Also catches NaN bounds.
+    if hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) {
         let pad = (lo.abs() * 0.1).max(1e-12);
         lo -= pad;
         hi += pad;

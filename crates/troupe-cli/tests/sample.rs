@@ -23,7 +23,7 @@ fn refs() -> PathBuf {
 /// `image=…,mask=…,embedding=…,keypoints=…` for fixture reference `k`, with overrides.
 fn reference(k: usize, over: &[(&str, &Path)]) -> String {
     let d = refs();
-    let mut parts = vec![
+    let mut parts = [
         ("image", d.join(format!("person_{k}.png"))),
         ("mask", d.join(format!("mask_{k}.png"))),
         ("embedding", d.join(format!("embedding_{k}.npy"))),

@@ -317,8 +317,8 @@ impl Reference {
             .collect();
         let mut out = composite_on_white(&crop, &blurred[0]);
         if blurred[1] != blurred[0] || blurred[2] != blurred[0] {
-            for c in 1..3 {
-                let other = composite_on_white(&crop, &blurred[c]);
+            for (c, mask) in blurred.iter().enumerate().skip(1) {
+                let other = composite_on_white(&crop, mask);
                 for (o, p) in out.pixels_mut().zip(other.pixels()) {
                     o.0[c] = p.0[c];
                 }

@@ -19,6 +19,9 @@ use troupe_pt::{DType, Tensor, Value};
 use crate::adapter::AdapterSpec;
 use crate::weights::{StateDict, WeightError, to_host, write_safetensors};
 
+/// Tensors in the export layout and the metadata strings of one file.
+type Contents = (Vec<(String, Tensor)>, HashMap<String, String>);
+
 /// Container of an adapter file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdapterFormat {
@@ -155,9 +158,7 @@ impl AdapterFile {
     }
 }
 
-fn read_safetensors(
-    path: &Path,
-) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), WeightError> {
+fn read_safetensors(path: &Path) -> Result<Contents, WeightError> {
     let mut sd = StateDict::from_file(path)?;
     let metadata = sd.metadata().clone().into_iter().collect();
     let device = burn::prelude::Device::flex();
@@ -176,7 +177,7 @@ fn read_safetensors(
     Ok((out, metadata))
 }
 
-fn read_bin(path: &Path) -> Result<(Vec<(String, Tensor)>, HashMap<String, String>), WeightError> {
+fn read_bin(path: &Path) -> Result<Contents, WeightError> {
     let value = troupe_pt::read_file(path).map_err(|e| format_error(path, e.to_string()))?;
     let mut out = Vec::new();
     for (group, names) in [

@@ -101,7 +101,11 @@ impl ClipConfig {
         let shown = path.display().to_string();
         let config: Self = read_json_config(path)?;
         let err = |field: &str, msg: &str| Err(ConfigError::new(&shown, field, msg).into());
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return err("num_attention_heads", "must divide hidden_size");
         }
         Ok(config)
@@ -428,7 +432,7 @@ pub struct ClipVisionModel {
 impl ClipVisionModel {
     /// Builds the model (lazy parameters).
     pub fn new(c: &ClipConfig, device: &Device) -> Result<Self, ConfigError> {
-        if c.patch_size == 0 || c.image_size % c.patch_size != 0 {
+        if c.patch_size == 0 || !c.image_size.is_multiple_of(c.patch_size) {
             return Err(ConfigError::new(
                 "config",
                 "patch_size",

@@ -893,7 +893,7 @@ fn with_sorted_metadata(
     header.insert("__metadata__".into(), serde_json::Value::Object(meta));
     let mut h = serde_json::to_vec(&header).expect("a JSON map serialises");
     // The data section starts 8-byte aligned, as the format requires.
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);

@@ -59,7 +59,7 @@ impl Samples {
 
     /// Whether samples are due after `step`.
     pub fn due(&self, step: u64) -> bool {
-        step % self.config.every_steps == 0
+        step.is_multiple_of(self.config.every_steps)
     }
 
     fn settings(&self, prompt: &str, seed: u64) -> Settings {

@@ -101,14 +101,16 @@ pub(crate) fn loader_config(config: &TrainConfig, encoders: &Encoders) -> Loader
         None => SizeRule::reference(),
         Some(side) => SizeRule::buckets(side * side, (side / 4).min(64), 2.0),
     };
-    let mut recipe = RecipeConfig::default();
-    recipe.crop_size = encoders.image_size as u32;
-    recipe.latent_downsample = encoders.vae.downscale_factor() as u32;
     let o = &config.objective;
-    recipe.dropout = troupe_data::recipe::Dropout {
-        image: o.drop_image,
-        text: o.drop_text,
-        both: o.drop_both,
+    let recipe = RecipeConfig {
+        crop_size: encoders.image_size as u32,
+        latent_downsample: encoders.vae.downscale_factor() as u32,
+        dropout: troupe_data::recipe::Dropout {
+            image: o.drop_image,
+            text: o.drop_text,
+            both: o.drop_both,
+        },
+        ..RecipeConfig::default()
     };
     LoaderConfig {
         batch_size: config.train.batch_size,
@@ -418,7 +420,8 @@ impl Run {
     fn checkpoint_if_due(&mut self, interrupted: bool) -> Result<()> {
         let c = &self.config.checkpoint;
         let step = self.state.step;
-        if step % c.every_steps == 0 || step == self.config.train.max_steps || interrupted {
+        if step.is_multiple_of(c.every_steps) || step == self.config.train.max_steps || interrupted
+        {
             let path = checkpoint::save(
                 &self.config.run.dir,
                 &self.pipeline.adapter,

@@ -52,7 +52,7 @@ impl Validation {
 
     /// Whether validation is due after `step`.
     pub fn due(&self, step: u64) -> bool {
-        step % self.every_steps == 0
+        step.is_multiple_of(self.every_steps)
     }
 
     /// Mean total loss over every batch × timestep.
