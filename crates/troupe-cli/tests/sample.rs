@@ -39,14 +39,13 @@ fn reference(k: usize, over: &[(&str, &Path)]) -> String {
         .join(",")
 }
 
-/// A fresh adapter for the tiny SDXL.
-fn adapter(dir: &Path) -> PathBuf {
-    let out = dir.join("adapter.safetensors");
+/// A fresh adapter (tiny sizes) for the UNet config `unet`, written to `out`.
+fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
     let args = [
         "adapter",
         "init",
         "--unet-config",
-        "configs/tiny-sdxl/unet/config.json",
+        unet.to_str().unwrap(),
         "--rank",
         "4",
         "--clip-dim",
@@ -56,10 +55,17 @@ fn adapter(dir: &Path) -> PathBuf {
         "--ppr-depth",
         "1",
         "--out",
+        out.to_str().unwrap(),
     ];
-    let o = troupe(&[&args[..], &[out.to_str().unwrap()]].concat());
+    let o = troupe(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out
+    out.to_path_buf()
+}
+
+/// A fresh adapter for the tiny SDXL.
+fn adapter(dir: &Path) -> PathBuf {
+    let unet = root().join("configs/tiny-sdxl/unet/config.json");
+    adapter_for(&unet, &dir.join("adapter.safetensors"))
 }
 
 fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -147,24 +153,7 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
     std::fs::write(&far, "[[1,1],[2,2],[3,3],[4,4],[500,5]]").unwrap();
     let missing = tmp.path().join("missing.png");
     let other_unet = root().join("crates/troupe-models/tests/fixtures/unet/sdxl_tiny/config.json");
-    let wrong = tmp.path().join("wrong.safetensors");
-    let o = troupe(&[
-        "adapter",
-        "init",
-        "--unet-config",
-        other_unet.to_str().unwrap(),
-        "--rank",
-        "4",
-        "--clip-dim",
-        "24",
-        "--ppr-dim-head",
-        "8",
-        "--ppr-depth",
-        "1",
-        "--out",
-        wrong.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let wrong = adapter_for(&other_unet, &tmp.path().join("wrong.safetensors"));
 
     let good = reference(0, &[]);
     let cases: Vec<(Vec<String>, &Path, &str)> = vec![

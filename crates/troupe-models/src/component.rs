@@ -431,17 +431,7 @@ fn inspect_adapter(path: &Path) -> Result<Inspection, ModelError> {
     }
     let ppr_params = sd.report().parameters;
     // Processors: `ip_adapter.{i}.*`; report their count and LoRA rank.
-    let processors = keys
-        .iter()
-        .filter_map(|k| {
-            k.strip_prefix("ip_adapter.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |m| m + 1);
+    let processors = crate::adapter::processor_count(&keys);
     if let Some([r, _]) = sd.shape("ip_adapter.0.to_q_lora.down.weight") {
         config.push(("lora rank".into(), r.to_string()));
     }

@@ -45,6 +45,14 @@ fn field_bytes(field: u32, bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
+/// Seconds since the Unix epoch.
+fn wall_time() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
 /// `Event { wall_time = 1 (double), step = 2 (int64), file_version = 3 | summary = 5 }`.
 fn event(wall_time: f64, step: i64, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
     let mut e = Vec::new();
@@ -97,11 +105,7 @@ impl EventWriter {
 
     /// Writes `tag = value` scalars at `step`.
     pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) -> std::io::Result<()> {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let e = event(wall, step as i64, |e| {
+        let e = event(wall_time(), step as i64, |e| {
             let mut summary = Vec::new();
             for (tag, v) in values {
                 // Summary.Value { tag = 1 (string), simple_value = 2 (float) }
@@ -126,11 +130,7 @@ impl EventWriter {
         width: u32,
         height: u32,
     ) -> std::io::Result<()> {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs_f64();
-        let e = event(wall, step as i64, |e| {
+        let e = event(wall_time(), step as i64, |e| {
             // Summary.Image { height = 1, width = 2, colorspace = 3 (varints), encoded = 4 }
             let mut image = Vec::new();
             for (field, v) in [(1u64, height as u64), (2, width as u64), (3, 3)] {
