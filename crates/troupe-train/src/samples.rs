@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use troupe_diffusion::conditioning::CharacterFeatures;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
-use troupe_diffusion::pipeline::{Pipeline, Settings, to_rgb8};
+use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
 use troupe_diffusion::samplers::SamplerKind;
 
@@ -84,11 +84,25 @@ impl Samples {
         let mut images = Vec::new();
         for (p, prompt) in self.config.prompts.iter().enumerate() {
             for (r, set) in self.sets.iter().enumerate() {
-                for &seed in &self.config.seeds {
-                    let s = self.settings(prompt, seed);
-                    let out = pipeline.generate(&s, set, None, &mut |_, _| {})?;
+                // All seeds of one prompt and reference set in one UNet batch.
+                let settings: Vec<Settings> = self
+                    .config
+                    .seeds
+                    .iter()
+                    .map(|&seed| self.settings(prompt, seed))
+                    .collect();
+                let requests = settings
+                    .iter()
+                    .map(|s| Request {
+                        settings: s,
+                        characters: set,
+                        latents: None,
+                    })
+                    .collect();
+                let outputs = pipeline.generate_batch(requests, &mut |_, _| {})?;
+                for (s, out) in settings.iter().zip(outputs) {
                     let img = to_rgb8(out).remove(0);
-                    let file = dir.join(format!("p{p}-r{r}-s{seed}.png"));
+                    let file = dir.join(format!("p{p}-r{r}-s{}.png", s.seed));
                     write_atomic(&file, &png(&img))
                         .with_context(|| format!("writing {}", file.display()))?;
                     images.push(img);
