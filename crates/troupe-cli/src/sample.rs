@@ -202,7 +202,8 @@ fn read_latents(path: &Path, device: &burn::prelude::Device) -> Result<burn::pre
 }
 
 pub fn run(args: SampleArgs) -> Result<ExitCode> {
-    let device = troupe_train::device::parse_device(&args.device).map_err(anyhow::Error::msg)?;
+    let device = troupe_train::device::parse_device_for(&args.device, "--device")
+        .map_err(anyhow::Error::msg)?;
     let adapter_path = crate::adapter::adapter_file(&args.adapter)?;
     let adapter = AdapterFile::read(&adapter_path)?;
     let adapter_sha = sha256_file(&adapter_path)?;

@@ -7,47 +7,53 @@
 
 use burn::prelude::Device;
 
-/// Parses `cpu`, `cuda[:N]` or `vulkan[:N]` (N = index among discrete GPUs, default 0).
+/// Parses `cpu`, `cuda[:N]` or `vulkan[:N]` (N = index among discrete GPUs, default 0) for
+/// `train.device`; see [`parse_device_for`].
 pub fn parse_device(spec: &str) -> Result<Device, String> {
+    parse_device_for(spec, "train.device")
+}
+
+/// Like [`parse_device`]; errors name the setting `key` (e.g. `--device`).
+pub fn parse_device_for(spec: &str, key: &str) -> Result<Device, String> {
     let (kind, index) = match spec.split_once(':') {
         Some((k, i)) => (
             k,
             i.parse::<usize>()
-                .map_err(|_| format!("`train.device` = \"{spec}\": `{i}` is not a device index"))?,
+                .map_err(|_| format!("`{key}` = \"{spec}\": `{i}` is not a device index"))?,
         ),
         None => (spec, 0),
     };
     match kind {
         "cpu" => Ok(Device::flex()),
-        "cuda" => cuda(index, spec),
-        "vulkan" => vulkan(index, spec),
+        "cuda" => cuda(index, spec, key),
+        "vulkan" => vulkan(index, spec, key),
         _ => Err(format!(
-            "`train.device` = \"{spec}\": expected \"cpu\", \"cuda[:N]\" or \"vulkan[:N]\""
+            "`{key}` = \"{spec}\": expected \"cpu\", \"cuda[:N]\" or \"vulkan[:N]\""
         )),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(index: usize, _spec: &str) -> Result<Device, String> {
+fn cuda(index: usize, _spec: &str, _key: &str) -> Result<Device, String> {
     Ok(Device::cuda(index))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_index: usize, spec: &str) -> Result<Device, String> {
+fn cuda(_index: usize, spec: &str, key: &str) -> Result<Device, String> {
     Err(format!(
-        "`train.device` = \"{spec}\": this build has no CUDA backend (rebuild with `--features cuda`)"
+        "`{key}` = \"{spec}\": this build has no CUDA backend (rebuild with `--features cuda`)"
     ))
 }
 
 #[cfg(feature = "vulkan")]
-fn vulkan(index: usize, _spec: &str) -> Result<Device, String> {
+fn vulkan(index: usize, _spec: &str, _key: &str) -> Result<Device, String> {
     Ok(Device::vulkan(burn::tensor::DeviceKind::DiscreteGpu(index)))
 }
 
 #[cfg(not(feature = "vulkan"))]
-fn vulkan(_index: usize, spec: &str) -> Result<Device, String> {
+fn vulkan(_index: usize, spec: &str, key: &str) -> Result<Device, String> {
     Err(format!(
-        "`train.device` = \"{spec}\": this build has no Vulkan backend (rebuild with `--features vulkan`)"
+        "`{key}` = \"{spec}\": this build has no Vulkan backend (rebuild with `--features vulkan`)"
     ))
 }
 
