@@ -268,3 +268,35 @@ fn jobs_batched_equal_jobs_one_at_a_time() {
         );
     }
 }
+
+#[test]
+fn a_jobs_line_with_an_unknown_key_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let jobs = tmp.path().join("jobs.jsonl");
+    let good = serde_json::json!({"prompt": "a person", "references": [reference(0, &[])]});
+    let typo =
+        serde_json::json!({"prompt": "a person", "references": [reference(0, &[])], "stpes": 3});
+    std::fs::write(&jobs, format!("{good}\n\n{typo}\n")).unwrap();
+    let out = tmp.path().join("out");
+    let o = troupe(&[
+        "sample",
+        "--model",
+        "configs/tiny-sdxl",
+        "--image-encoder",
+        "configs/tiny-sdxl/image_encoder",
+        "--adapter",
+        a.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--jobs",
+        jobs.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        stderr.contains("line 3") && stderr.contains("stpes"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
