@@ -92,19 +92,9 @@ LATENT_SEED = 101
 
 def make_mid_model(dst):
     """configs/tiny-sdxl with scripts/bench_train.py's `mid` UNet (random weights, torch seed 0)."""
-    from diffusers import UNet2DConditionModel
+    from bench_train import write_mid_sdxl
 
-    shutil.copytree(TINY, dst)
-    shutil.rmtree(os.path.join(dst, "unet"))
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(64, 128, 128),
-        layers_per_block=2, transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
-        use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=32,
-    ).save_pretrained(os.path.join(dst, "unet"))
-    return dst
+    return write_mid_sdxl(F.TINY, dst)
 
 
 def run_checked(cmd, env):

@@ -132,6 +132,22 @@ def troupe_step_time(exe, base, res, steps, warmup, threads, tmp):
     return statistics.median(l["step_s"] for l in lines[warmup:])
 
 
+def write_mid_sdxl(tiny, dst):
+    """`tiny` (an SDXL folder) copied to `dst` with a bigger random UNet (64/128/128 channels,
+    2 layers per block, torch seed 0): the `mid` config of the benchmarks. Returns `dst`."""
+    shutil.copytree(tiny, dst)
+    shutil.rmtree(os.path.join(dst, "unet"))
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(64, 128, 128),
+        layers_per_block=2, transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
+        use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=32,
+    ).save_pretrained(os.path.join(dst, "unet"))
+    return dst
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -144,16 +160,7 @@ def main():
     torch.manual_seed(0)
     tiny = os.path.join(ROOT, "configs/tiny-sdxl")
     with tempfile.TemporaryDirectory() as tmp:
-        mid = os.path.join(tmp, "mid-sdxl")
-        shutil.copytree(tiny, mid)
-        shutil.rmtree(os.path.join(mid, "unet"))
-        UNet2DConditionModel(
-            sample_size=16, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(64, 128, 128),
-            layers_per_block=2, transformer_layers_per_block=(1, 1, 2), attention_head_dim=(1, 2, 2),
-            use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=32,
-        ).save_pretrained(os.path.join(mid, "unet"))
+        mid = write_mid_sdxl(tiny, os.path.join(tmp, "mid-sdxl"))
         for name, base, res in [("tiny", tiny, 64), ("mid", mid, 128)]:
             pt = torch_step_time(base, res, a.steps, a.warmup)
             tr = troupe_step_time(a.troupe, base, res, a.steps, a.warmup, a.threads, tmp)

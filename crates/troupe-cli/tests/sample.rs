@@ -156,57 +156,9 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
     let wrong = adapter_for(&other_unet, &tmp.path().join("wrong.safetensors"));
 
     let good = reference(0, &[]);
-    let cases: Vec<(Vec<String>, &Path, &str)> = vec![
-        (
-            vec![
-                "--scheduler".into(),
-                "heun".into(),
-                "--reference".into(),
-                good.clone(),
-            ],
-            &a,
-            "heun",
-        ),
-        (
-            vec![
-                "--width".into(),
-                "60".into(),
-                "--reference".into(),
-                good.clone(),
-            ],
-            &a,
-            "--width",
-        ),
-        (
-            vec!["--reference".into(), reference(0, &[("mask", &black)])],
-            &a,
-            "no person pixel",
-        ),
-        (
-            vec!["--reference".into(), reference(0, &[("embedding", &short)])],
-            &a,
-            "has 10 values",
-        ),
-        (
-            vec!["--reference".into(), reference(0, &[("keypoints", &far)])],
-            &a,
-            "outside",
-        ),
-        (
-            vec!["--reference".into(), reference(0, &[("image", &missing)])],
-            &a,
-            "missing.png",
-        ),
-        (
-            vec!["--reference".into(), good.clone()],
-            &wrong,
-            "wrong.safetensors",
-        ),
-    ];
-    for (extra, adapter, want) in cases {
+    let refused = |adapter: &Path, extra: &[&str], want: &str| {
         let out = tmp.path().join("out");
-        let args: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let o = sample(adapter, &out, &args);
+        let o = sample(adapter, &out, extra);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{extra:?} was accepted");
         assert!(
@@ -214,6 +166,19 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
             "{extra:?}: expected `{want}` in: {stderr}"
         );
         assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+    };
+    refused(&a, &["--scheduler", "heun", "--reference", &good], "heun");
+    refused(&a, &["--width", "60", "--reference", &good], "--width");
+    refused(&a, &["--device", "tpu", "--reference", &good], "`--device`");
+    refused(&wrong, &["--reference", &good], "wrong.safetensors");
+    let bad_refs = [
+        (reference(0, &[("mask", &black)]), "no person pixel"),
+        (reference(0, &[("embedding", &short)]), "has 10 values"),
+        (reference(0, &[("keypoints", &far)]), "outside"),
+        (reference(0, &[("image", &missing)]), "missing.png"),
+    ];
+    for (r, want) in &bad_refs {
+        refused(&a, &["--reference", r], want);
     }
 }
 
