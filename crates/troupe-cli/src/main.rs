@@ -5,6 +5,7 @@ mod adapter;
 mod bench;
 mod data;
 mod debug;
+mod eval;
 mod inspect;
 mod plot;
 mod sample;
@@ -30,6 +31,9 @@ enum Command {
     /// Debugging tools: tokenize prompts, run one component's forward pass, benchmark the UNet.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
+    /// Evaluation: score images (`clip`: CLIP-T / CLIP-I).
+    #[command(subcommand)]
+    Eval(eval::EvalCommand),
     /// Report a model folder's component, config, parameter count, dtypes and any missing or
     /// unexpected keys (reads only file headers). Accepts a component folder, an SDXL pipeline
     /// folder (`model_index.json`) or an adapter `.safetensors` file.
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Debug(cmd) => debug::run(cmd),
+        Command::Eval(cmd) => eval::run(cmd),
         Command::Inspect(args) => inspect::run(args),
         Command::Train(args) => train::run(args),
         Command::Plot(args) => plot::run(args),

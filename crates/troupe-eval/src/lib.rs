@@ -1,0 +1,7 @@
+//! Evaluation for troupe: scoring generated images the way the Python stacks score them, so
+//! numbers are comparable with papers and reproducible on the machine that trained.
+//!
+//! * [`clip_score`]: CLIP-T (image ↔ caption) and CLIP-I (image ↔ reference image) with a
+//!   transformers `CLIPModel` folder, preprocessing as its `CLIPImageProcessor`.
+
+pub mod clip_score;

@@ -1,0 +1,105 @@
+//! CLIP-T and CLIP-I against transformers on a tiny random `CLIPModel`: the processor's pixel
+//! values and the scores. Fixtures: `scripts/make_clip_score_fixtures.py`.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use troupe_data::ops::resize::PassOrder;
+use troupe_eval::clip_score::{ClipScorer, read_image, scores};
+use troupe_models::weights::StateDict;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip_score")
+}
+
+/// The fixture model with the real CLIP tokenizer files beside it, as a hub folder has them.
+fn model_dir(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("clip");
+    std::fs::create_dir_all(&dir).unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-sdxl/tokenizer");
+    for src in [fixtures().join("model"), tok] {
+        for e in std::fs::read_dir(src).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+/// Max |a − b|; fails on any non-finite value or a length mismatch.
+fn max_diff(got: &[f64], want: &[f64], what: &str) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut m = 0f64;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.is_finite() && w.is_finite(), "{what}[{i}]: {g} vs {w}");
+        m = m.max((g - w).abs());
+    }
+    m
+}
+
+#[test]
+fn clip_t_and_clip_i_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixtures were made with Pillow 13 (the pinned reference environment).
+    let scorer =
+        ClipScorer::load(&model_dir(tmp.path()), PassOrder::Pillow13, &Device::flex()).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("scores.json")).unwrap())
+            .unwrap();
+    let paths: Vec<PathBuf> = want["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| fixtures().join(p.as_str().unwrap()))
+        .collect();
+    let images: Vec<_> = paths.iter().map(|p| read_image(p).unwrap()).collect();
+    let mut pixels = StateDict::from_file(fixtures().join("pixels.safetensors")).unwrap();
+    for (k, (img, path)) in images.iter().zip(&paths).enumerate() {
+        let got: Vec<f64> = scorer
+            .pixel_values(img, path)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let t: Tensor<3> = pixels
+            .take_any(&format!("image_{k}"), &Device::flex())
+            .unwrap();
+        let want: Vec<f64> = t
+            .into_data()
+            .convert::<f64>()
+            .try_into_vec::<f64>()
+            .unwrap();
+        assert!(
+            max_diff(&got, &want, "pixels") <= 1e-6,
+            "image {k}: pixel values differ"
+        );
+    }
+    let refs: Vec<(&image::RgbImage, &Path)> = images
+        .iter()
+        .zip(paths.iter().map(PathBuf::as_path))
+        .collect();
+    let img = scorer.image_features(&refs).unwrap();
+    let captions: Vec<String> = serde_json::from_value(want["captions"].clone()).unwrap();
+    let txt = scorer.text_features(&captions).unwrap();
+    for (name, got) in [
+        ("clip_t", scores(img.clone(), txt)),
+        ("clip_i", scores(img.clone(), img)),
+    ] {
+        let want: Vec<Vec<f64>> = serde_json::from_value(want[name].clone()).unwrap();
+        let d = max_diff(&got.concat(), &want.concat(), name);
+        eprintln!("{name}: max |troupe − transformers| = {d:.2e}");
+        assert!(d <= 1e-4, "{name} differs by {d}");
+    }
+}
+
+#[test]
+fn a_folder_without_a_preprocessor_config_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir(tmp.path());
+    std::fs::remove_file(dir.join("preprocessor_config.json")).unwrap();
+    let err = ClipScorer::load(&dir, PassOrder::Pillow13, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("preprocessor_config.json"), "{err}");
+}
