@@ -1,0 +1,119 @@
+//! Face analysis as insightface's `FaceAnalysis` runs the `buffalo_l` models: SCRFD detection
+//! ([`detector`]) → 5-point similarity alignment (`norm_crop`, from `troupe-data`) → ArcFace
+//! embedding ([`recognizer`]). Any model file of those families is given by path and run
+//! unchanged by `tract` (pure Rust ONNX inference: no network, no Python, no C library).
+//!
+//! Images are RGB here; insightface takes BGR and swaps to RGB when it builds the network input,
+//! so the networks see the same values.
+
+pub mod detector;
+pub mod recognizer;
+
+use std::path::Path;
+
+use image::RgbImage;
+
+pub use detector::{Detection, ScrfdDetector};
+pub use recognizer::ArcFaceRecognizer;
+
+/// Why a model cannot be used or a face cannot be analysed, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum FaceError {
+    /// The model file cannot be read, or is not the expected kind of model.
+    #[error("{path}: {message}")]
+    Model {
+        /// The model file.
+        path: String,
+        /// What is wrong (for a model of the wrong kind: which inputs/outputs were expected).
+        message: String,
+    },
+    /// Running a model failed.
+    #[error("{path}: inference failed: {message}")]
+    Inference {
+        /// The model file.
+        path: String,
+        /// The runtime's message.
+        message: String,
+    },
+}
+
+impl FaceError {
+    pub(crate) fn model(path: &Path, message: impl Into<String>) -> Self {
+        Self::Model {
+            path: path.display().to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One detected face with its embedding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Face {
+    /// The detection (box, score, keypoints in image pixels).
+    pub detection: Detection,
+    /// ArcFace output as the model gives it.
+    pub embedding: Vec<f32>,
+}
+
+impl Face {
+    /// The L2-normalised embedding (insightface's `normed_embedding`).
+    pub fn normed_embedding(&self) -> Vec<f32> {
+        let norm = self
+            .embedding
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt();
+        self.embedding
+            .iter()
+            .map(|&x| (x as f64 / norm) as f32)
+            .collect()
+    }
+}
+
+/// A detector and a recogniser, as `FaceAnalysis(allowed_modules=["detection", "recognition"])`.
+pub struct FaceAnalysis {
+    /// SCRFD.
+    pub detector: ScrfdDetector,
+    /// ArcFace.
+    pub recognizer: ArcFaceRecognizer,
+}
+
+impl FaceAnalysis {
+    /// Every face of `img` in the detector's order (score, after NMS), each with its
+    /// embedding (`FaceAnalysis.get(img)`).
+    pub fn get(&self, img: &RgbImage) -> Result<Vec<Face>, FaceError> {
+        self.detector
+            .detect(img)?
+            .into_iter()
+            .map(|detection| {
+                let embedding = self.recognizer.embed(img, &detection.kps)?;
+                Ok(Face {
+                    detection,
+                    embedding,
+                })
+            })
+            .collect()
+    }
+
+    /// The face with the largest box area (the StoryMaker pipeline's and `FaceAnalysis`
+    /// users' rule), or `None` when no face is found.
+    pub fn largest(&self, img: &RgbImage) -> Result<Option<Face>, FaceError> {
+        let faces = self.get(img)?;
+        Ok(largest(faces))
+    }
+}
+
+/// The face of largest box area; ties go to the later one, as Python's `sorted(...)[-1]`.
+pub fn largest(faces: Vec<Face>) -> Option<Face> {
+    let mut best: Option<Face> = None;
+    for f in faces {
+        if best
+            .as_ref()
+            .is_none_or(|b| f.detection.area() >= b.detection.area())
+        {
+            best = Some(f);
+        }
+    }
+    best
+}
