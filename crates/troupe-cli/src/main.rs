@@ -31,7 +31,7 @@ enum Command {
     /// Debugging tools: tokenize prompts, run one component's forward pass, benchmark the UNet.
     #[command(subcommand)]
     Debug(debug::DebugCommand),
-    /// Evaluation: score images (`clip`: CLIP-T / CLIP-I).
+    /// Evaluation: score images (`clip`: CLIP-T / CLIP-I; `faces`, `face-sim`: face analysis).
     #[command(subcommand)]
     Eval(eval::EvalCommand),
     /// Report a model folder's component, config, parameter count, dtypes and any missing or

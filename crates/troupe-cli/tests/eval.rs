@@ -87,3 +87,97 @@ fn clip_t_and_clip_i_on_the_command_line() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no/such/clip"));
 }
+
+fn face_fixtures() -> PathBuf {
+    root().join("crates/troupe-faces/tests/fixtures")
+}
+
+/// The insightface results of the fixture case `image` at a square `size`.
+fn face_case(image: &str, size: u64) -> serde_json::Value {
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(face_fixtures().join("faces.json")).unwrap())
+            .unwrap();
+    all["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == image && c["det_size"] == serde_json::json!([size, size]))
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn faces_and_face_sim_on_the_command_line() {
+    let f = face_fixtures();
+    let models = [
+        "--detector".to_string(),
+        f.join("det_tiny.onnx").display().to_string(),
+        "--recognizer".into(),
+        f.join("rec_tiny.onnx").display().to_string(),
+        "--det-size".into(),
+        "320".into(),
+        "--opencv-5".into(),
+    ];
+    let models: Vec<&str> = models.iter().map(String::as_str).collect();
+    let astronaut = f.join("astronaut.png").display().to_string();
+    let synthetic = f.join("synthetic.png").display().to_string();
+    let o = troupe(&[&["eval", "faces"][..], &models, &[&astronaut]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let case = face_case("astronaut.png", 320);
+    assert_eq!(lines.len(), case["faces"].as_array().unwrap().len());
+    // Largest first: the first line is insightface's largest face.
+    let largest = &case["faces"][case["largest"].as_u64().unwrap() as usize];
+    for (g, w) in lines[0]["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(largest["bbox"].as_array().unwrap())
+    {
+        assert!(
+            (g.as_f64().unwrap() - w.as_f64().unwrap()).abs() < 1e-3,
+            "{g} vs {w}"
+        );
+    }
+    assert_eq!(lines[0]["embedding"].as_array().unwrap().len(), 512);
+
+    let o = troupe(
+        &[
+            &["eval", "face-sim"][..],
+            &models,
+            &[&astronaut, &synthetic],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let got: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let other = face_case("synthetic.png", 320);
+    let emb = |c: &serde_json::Value| -> Vec<f64> {
+        let face = &c["faces"][c["largest"].as_u64().unwrap() as usize];
+        face["normed_embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let want: f64 = emb(&case).iter().zip(emb(&other)).map(|(a, b)| a * b).sum();
+    assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+
+    // A recogniser given as the detector: the message says what was expected.
+    let wrong = f.join("rec_tiny.onnx").display().to_string();
+    let o = troupe(&[
+        "eval",
+        "faces",
+        "--detector",
+        &wrong,
+        "--recognizer",
+        &wrong,
+        &astronaut,
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not an SCRFD detector"));
+}

@@ -80,7 +80,11 @@ impl ScrfdDetector {
                 ));
             }
         };
-        if det_size.0 % 32 != 0 || det_size.1 % 32 != 0 || det_size.0 == 0 || det_size.1 == 0 {
+        if !det_size.0.is_multiple_of(32)
+            || !det_size.1.is_multiple_of(32)
+            || det_size.0 == 0
+            || det_size.1 == 0
+        {
             return Err(FaceError::model(
                 path,
                 format!(
