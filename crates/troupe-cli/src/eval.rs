@@ -1,6 +1,6 @@
 //! `troupe eval`: scoring images as the Python stacks score them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -94,7 +94,7 @@ impl FaceModels {
 }
 
 /// The faces of `path`, largest box first (ties: the later one, as `sorted(...)[::-1]`).
-fn faces_by_size(fa: &FaceAnalysis, path: &PathBuf) -> Result<Vec<Face>> {
+fn faces_by_size(fa: &FaceAnalysis, path: &Path) -> Result<Vec<Face>> {
     let img = read_image(path)?;
     let mut faces = fa.get(&img)?;
     faces.reverse();
