@@ -109,17 +109,7 @@ impl ScrfdDetector {
         if let Some(p) = plans.get(&(w, h)) {
             return Ok(p.clone());
         }
-        let err = |e: TractError| FaceError::model(&self.path, format!("{e:#}"));
-        let fact = InferenceFact::dt_shape(f32::datum_type(), tvec!(1, 3, h, w));
-        let plan = self
-            .model
-            .clone()
-            .with_input_fact(0, fact)
-            .map_err(err)?
-            .into_optimized()
-            .map_err(err)?
-            .into_runnable()
-            .map_err(err)?;
+        let plan = crate::plan_for(self.model.clone(), h, w, &self.path)?;
         plans.insert((w, h), plan.clone());
         Ok(plan)
     }

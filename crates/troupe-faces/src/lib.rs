@@ -46,6 +46,25 @@ impl FaceError {
     }
 }
 
+/// `model` optimised for one `[1, 3, h, w]` f32 input, ready to run.
+pub(crate) fn plan_for(
+    model: tract_onnx::prelude::InferenceModel,
+    h: usize,
+    w: usize,
+    path: &Path,
+) -> Result<std::sync::Arc<tract_onnx::prelude::TypedRunnableModel>, FaceError> {
+    use tract_onnx::prelude::*;
+    let err = |e: TractError| FaceError::model(path, format!("{e:#}"));
+    let fact = InferenceFact::dt_shape(f32::datum_type(), tvec!(1, 3, h, w));
+    model
+        .with_input_fact(0, fact)
+        .map_err(err)?
+        .into_optimized()
+        .map_err(err)?
+        .into_runnable()
+        .map_err(err)
+}
+
 /// One detected face with its embedding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Face {

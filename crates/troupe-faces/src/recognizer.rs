@@ -83,16 +83,11 @@ impl ArcFaceRecognizer {
                 ));
             }
         };
-        let err = |e: TractError| FaceError::model(path, format!("{e:#}"));
-        let fact = InferenceFact::dt_shape(f32::datum_type(), tvec!(1, 3, input_size, input_size));
-        let plan = model
-            .with_input_fact(0, fact)
-            .map_err(err)?
-            .into_optimized()
-            .map_err(err)?
-            .into_runnable()
-            .map_err(err)?;
-        let out = plan.model().output_fact(0).map_err(err)?;
+        let plan = crate::plan_for(model, input_size, input_size, path)?;
+        let out = plan
+            .model()
+            .output_fact(0)
+            .map_err(|e| FaceError::model(path, format!("{e:#}")))?;
         let embedding_dim = out
             .shape
             .as_concrete()
