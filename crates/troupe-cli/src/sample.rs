@@ -7,10 +7,12 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use troupe_data::ops::geometry::WarpImpl;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
 use troupe_diffusion::samplers::SamplerKind;
+use troupe_faces::{ArcFaceRecognizer, FaceAnalysis, ScrfdDetector};
 use troupe_models::adapter_file::AdapterFile;
 
 #[derive(clap::Args)]
@@ -36,9 +38,10 @@ pub struct SampleArgs {
     /// The prompt.
     #[arg(long, required_unless_present = "jobs")]
     prompt: Option<String>,
-    /// A character, in slot order (repeat for 2–3): `SHARD.parquet#ROW_ID[:CHARACTER]` or
+    /// A character, in slot order (repeat for 2–3): `SHARD.parquet#ROW_ID[:CHARACTER]`,
     /// `image=IMG,mask=MASK,embedding=EMB.npy,keypoints=KPS.json` (mask white = person,
-    /// keypoints `[[x, y]] × 5` in image pixels).
+    /// keypoints `[[x, y]] × 5` in image pixels), or `photo=IMG,mask=MASK` (identity and
+    /// keypoints from the largest face, found with `--face-detector`/`--face-recognizer`).
     #[arg(long, required_unless_present = "jobs")]
     reference: Vec<String>,
     /// Negative prompt (none: zero negative embeddings, as diffusers' SDXL pipeline).
@@ -75,6 +78,15 @@ pub struct SampleArgs {
     /// (num_images, C, H/8, W/8), as diffusers' `latents=` (before `init_noise_sigma`).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// SCRFD face detector ONNX file, for `photo=` references (insightface `det_10g.onnx`).
+    #[arg(long, requires = "face_recognizer")]
+    face_detector: Option<PathBuf>,
+    /// ArcFace recogniser ONNX file, for `photo=` references (insightface `w600k_r50.onnx`).
+    #[arg(long, requires = "face_detector")]
+    face_recognizer: Option<PathBuf>,
+    /// Detector input side for `photo=` references (the reference pipeline uses 640).
+    #[arg(long, default_value_t = 640)]
+    det_size: usize,
     /// Images per UNet batch: consecutive jobs with the same steps, sampler, guidance, scales
     /// and size are generated together up to this many images (a job is never split).
     #[arg(long, default_value_t = 4)]
@@ -126,8 +138,60 @@ fn settings_from_flags(args: &SampleArgs, prompt: &str, size: usize) -> Result<S
     })
 }
 
+/// A command-line reference; `photo=IMG,mask=MASK` runs face analysis on IMG (the largest
+/// face's normed embedding and keypoints, as the reference pipeline takes them).
+fn reference(arg: &str, base: &Path, faces: Option<&FaceAnalysis>) -> Result<Reference> {
+    let fields: Vec<(&str, &str)> = arg.split(',').filter_map(|kv| kv.split_once('=')).collect();
+    let Some((_, photo)) = fields.iter().find(|(k, _)| *k == "photo") else {
+        return Ok(Reference::parse(arg, base)?);
+    };
+    let Some(fa) = faces else {
+        bail!(
+            "--reference {arg}: a `photo=` reference needs --face-detector and --face-recognizer"
+        );
+    };
+    let mask = fields
+        .iter()
+        .find(|(k, _)| *k == "mask")
+        .with_context(|| format!("--reference {arg}: `photo=` needs `mask=`"))?
+        .1;
+    if let Some((k, _)) = fields.iter().find(|(k, _)| !["photo", "mask"].contains(k)) {
+        bail!("--reference {arg}: unknown field `{k}` with `photo=` (expected photo, mask)");
+    }
+    let (photo, mask) = (base.join(photo), base.join(mask));
+    let image = troupe_eval::clip_score::read_image(&photo)?;
+    let mask_img = troupe_eval::clip_score::read_image(&mask)?;
+    let face = fa
+        .largest(&image)?
+        .with_context(|| format!("{}: no face found", photo.display()))?;
+    let kps: Vec<f32> = face.detection.kps.iter().flatten().copied().collect();
+    let source = format!("photo={},mask={}", photo.display(), mask.display());
+    let file = photo.display().to_string();
+    Ok(Reference::from_parts(
+        source,
+        image,
+        mask_img,
+        face.normed_embedding(),
+        &kps,
+        &file,
+    )?)
+}
+
+/// The face models of `photo=` references, when given (aligning with the pipeline's
+/// `warpAffine` arithmetic).
+fn face_analysis(args: &SampleArgs, warp: WarpImpl) -> Result<Option<FaceAnalysis>> {
+    let (Some(det), Some(rec)) = (&args.face_detector, &args.face_recognizer) else {
+        return Ok(None);
+    };
+    Ok(Some(FaceAnalysis {
+        detector: ScrfdDetector::load(det, (args.det_size, args.det_size))?,
+        recognizer: ArcFaceRecognizer::load(rec, warp)?,
+    }))
+}
+
 /// Reads and checks every job (references decoded and validated) before any denoising.
 fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
+    let faces = face_analysis(args, pipeline.crop_ops.warp)?;
     let size = pipeline.default_size;
     let cwd = Path::new(".");
     let Some(path) = &args.jobs else {
@@ -135,8 +199,8 @@ fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
         let references = args
             .reference
             .iter()
-            .map(|r| Reference::parse(r, cwd))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|r| reference(r, cwd, faces.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         return Ok(vec![Job {
             settings,
             references,
@@ -170,8 +234,8 @@ fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
         let references = j
             .references
             .iter()
-            .map(|r| Reference::parse(r, base))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|r| reference(r, base, faces.as_ref()))
+            .collect::<Result<Vec<_>>>()
             .with_context(at)?;
         let name = j.name.unwrap_or_else(|| format!("job-{:04}", out.len()));
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {

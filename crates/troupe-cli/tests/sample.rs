@@ -265,3 +265,42 @@ fn a_jobs_line_with_an_unknown_key_names_the_line() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn a_plain_photo_reference_gets_its_identity_from_face_analysis() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let faces = root().join("crates/troupe-faces/tests/fixtures");
+    let photo = faces.join("astronaut.png");
+    let mask = tmp.path().join("mask.png");
+    image::RgbImage::from_pixel(256, 256, image::Rgb([255, 255, 255]))
+        .save(&mask)
+        .unwrap();
+    let r = format!("photo={},mask={}", photo.display(), mask.display());
+    let out = tmp.path().join("out");
+    let (det, rec) = (faces.join("det_tiny.onnx"), faces.join("rec_tiny.onnx"));
+    let detector = [
+        "--face-detector",
+        det.to_str().unwrap(),
+        "--face-recognizer",
+        rec.to_str().unwrap(),
+        "--det-size",
+        "160",
+        "--reference",
+        &r,
+    ];
+    let o = sample(&a, &out, &detector);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let side: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("image-00.json")).unwrap()).unwrap();
+    assert!(
+        side["references"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("photo=")
+    );
+    // Without the face models the reference is refused, naming what is missing.
+    let o = sample(&a, &tmp.path().join("out2"), &["--reference", &r]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--face-detector"));
+}

@@ -189,6 +189,8 @@ impl Reference {
 
     /// Parses a command-line reference: `SHARD.parquet#ROW_ID[:CHARACTER]`, or
     /// `image=IMG,mask=MASK,embedding=EMB.npy,keypoints=KPS.json` (paths relative to `base`).
+    /// (A plain photo, `photo=IMG,mask=MASK`, needs a face detector: the command line resolves
+    /// it with `troupe-faces` and [`Reference::from_parts`].)
     pub fn parse(arg: &str, base: &Path) -> Result<Self, DiffusionError> {
         let at = |p: &str| -> PathBuf { base.join(p) };
         if let Some((shard, row)) = arg.split_once('#') {
@@ -238,6 +240,28 @@ impl Reference {
         )
     }
 
+    /// A reference from decoded parts (identity from a face detector), checked as the file
+    /// readers check theirs except that keypoints may lie outside the image (a detector's do
+    /// for faces at the border; `norm_crop` fills with black, as the reference pipeline does).
+    /// `file` names the source in errors; `keypoints` are `x0, y0, …, x4, y4` in image pixels.
+    pub fn from_parts(
+        source: String,
+        image: RgbImage,
+        mask: RgbImage,
+        embedding: Vec<f32>,
+        keypoints: &[f32],
+        file: &str,
+    ) -> Result<Self, DiffusionError> {
+        if keypoints.len() != 10 {
+            return Err(err(
+                file,
+                "keypoints",
+                format!("has {} values, expected 10", keypoints.len()),
+            ));
+        }
+        Self::checked(source, image, mask, embedding, keypoints, file, false)
+    }
+
     fn new(
         source: String,
         image: RgbImage,
@@ -245,6 +269,18 @@ impl Reference {
         embedding: Vec<f32>,
         keypoints: &[f32],
         file: &str,
+    ) -> Result<Self, DiffusionError> {
+        Self::checked(source, image, mask, embedding, keypoints, file, true)
+    }
+
+    fn checked(
+        source: String,
+        image: RgbImage,
+        mask: RgbImage,
+        embedding: Vec<f32>,
+        keypoints: &[f32],
+        file: &str,
+        check_inside: bool,
     ) -> Result<Self, DiffusionError> {
         let (w, h) = image.dimensions();
         if mask.dimensions() != (w, h) {
@@ -269,11 +305,8 @@ impl Reference {
         let mut kps = [[0f32; 2]; 5];
         for (i, p) in kps.iter_mut().enumerate() {
             let (x, y) = (keypoints[2 * i], keypoints[2 * i + 1]);
-            if !(x.is_finite()
-                && y.is_finite()
-                && (0.0..w as f32).contains(&x)
-                && (0.0..h as f32).contains(&y))
-            {
+            let inside = (0.0..w as f32).contains(&x) && (0.0..h as f32).contains(&y);
+            if !(x.is_finite() && y.is_finite() && (inside || !check_inside)) {
                 return Err(err(
                     file,
                     "keypoints",
