@@ -3,5 +3,8 @@
 //!
 //! * [`clip_score`]: CLIP-T (image ↔ caption) and CLIP-I (image ↔ reference image) with a
 //!   transformers `CLIPModel` folder, preprocessing as its `CLIPImageProcessor`.
+//! * [`matching`]: generated faces ↔ subjects (greedy on similarity) and the no-face / negative
+//!   score conventions.
 
 pub mod clip_score;
+pub mod matching;
