@@ -9,7 +9,7 @@ use troupe_data::DataError;
 use troupe_data::check::{check_shards, stats};
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
-use troupe_data::pack::{OnBadLine, PackReport, pack_manifest};
+use troupe_data::pack::{OnBadLine, PackReport, pack_manifest_with};
 use troupe_data::plan::SizeRule;
 use troupe_data::shard::{ShardWriterOptions, find_shards};
 
@@ -21,6 +21,16 @@ pub enum DataCommand {
         manifest: PathBuf,
         #[command(flatten)]
         out: OutArgs,
+        /// SCRFD detector ONNX file: computes the identity of characters whose manifest entry
+        /// has no `embedding`/`keypoints` (the largest face on the character's mask).
+        #[arg(long, requires = "face_recognizer")]
+        face_detector: Option<PathBuf>,
+        /// ArcFace recogniser ONNX file (with `--face-detector`).
+        #[arg(long, requires = "face_detector")]
+        face_recognizer: Option<PathBuf>,
+        /// Detector input side.
+        #[arg(long, default_value_t = 640)]
+        det_size: usize,
     },
     /// Import a dataset in StoryMaker's reference layout (JSON index keyed by person count).
     ImportStorymaker {
@@ -199,13 +209,34 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
 pub fn run(cmd: DataCommand) -> Result<ExitCode> {
     let limits = DecodeLimits::default();
     match cmd {
-        DataCommand::Pack { manifest, out } => report_pack(pack_manifest(
-            &manifest,
-            &out.out,
-            out.options(),
-            out.policy(),
-            limits,
-        )),
+        DataCommand::Pack {
+            manifest,
+            out,
+            face_detector,
+            face_recognizer,
+            det_size,
+        } => {
+            let faces = match (&face_detector, &face_recognizer) {
+                (Some(d), Some(r)) => Some(troupe_faces::FaceAnalysis::load(
+                    d,
+                    r,
+                    det_size,
+                    troupe_data::ops::geometry::WarpImpl::OpenCv4,
+                )?),
+                _ => None,
+            };
+            let identity = faces
+                .as_ref()
+                .map(|f| f as &dyn troupe_data::pack::IdentityProvider);
+            report_pack(pack_manifest_with(
+                &manifest,
+                &out.out,
+                out.options(),
+                out.policy(),
+                limits,
+                identity,
+            ))
+        }
         DataCommand::ImportStorymaker { index, out } => {
             report_pack(troupe_data::import::import_storymaker(
                 &index,

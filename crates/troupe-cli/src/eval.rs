@@ -8,7 +8,7 @@ use clap::Subcommand;
 use troupe_data::ops::geometry::WarpImpl;
 use troupe_data::ops::resize::PassOrder;
 use troupe_eval::clip_score::{ClipScorer, read_image, scores};
-use troupe_faces::{ArcFaceRecognizer, Face, FaceAnalysis, ScrfdDetector};
+use troupe_faces::{Face, FaceAnalysis};
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -78,18 +78,14 @@ pub struct FaceModels {
 
 impl FaceModels {
     fn load(&self) -> Result<FaceAnalysis> {
-        let mut detector = ScrfdDetector::load(&self.detector, (self.det_size, self.det_size))?;
-        detector.threshold = self.threshold;
         let warp = if self.opencv_5 {
             WarpImpl::OpenCv5
         } else {
             WarpImpl::OpenCv4
         };
-        let recognizer = ArcFaceRecognizer::load(&self.recognizer, warp)?;
-        Ok(FaceAnalysis {
-            detector,
-            recognizer,
-        })
+        let mut fa = FaceAnalysis::load(&self.detector, &self.recognizer, self.det_size, warp)?;
+        fa.detector.threshold = self.threshold;
+        Ok(fa)
     }
 }
 

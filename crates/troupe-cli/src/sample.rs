@@ -12,7 +12,7 @@ use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
 use troupe_diffusion::samplers::SamplerKind;
-use troupe_faces::{ArcFaceRecognizer, FaceAnalysis, ScrfdDetector};
+use troupe_faces::FaceAnalysis;
 use troupe_models::adapter_file::AdapterFile;
 
 #[derive(clap::Args)]
@@ -183,10 +183,7 @@ fn face_analysis(args: &SampleArgs, warp: WarpImpl) -> Result<Option<FaceAnalysi
     let (Some(det), Some(rec)) = (&args.face_detector, &args.face_recognizer) else {
         return Ok(None);
     };
-    Ok(Some(FaceAnalysis {
-        detector: ScrfdDetector::load(det, (args.det_size, args.det_size))?,
-        recognizer: ArcFaceRecognizer::load(rec, warp)?,
-    }))
+    Ok(Some(FaceAnalysis::load(det, rec, args.det_size, warp)?))
 }
 
 /// Reads and checks every job (references decoded and validated) before any denoising.

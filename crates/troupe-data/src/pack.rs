@@ -8,13 +8,14 @@
 //! ```
 //! `embedding` is 512 numbers inline or a `.npy` file (float32/float64, shape (512,) or (1, 512));
 //! `keypoints` are 5 (x, y) pairs or 10 numbers in image pixels; `id` defaults to the image path;
-//! `pose` is optional. Every row is fully validated (as `troupe data check` does) before it is
+//! `pose` is optional. A character without `embedding`/`keypoints` gets them from an
+//! [`IdentityProvider`] (a face detector + recogniser) when one is given, else the line fails. Every row is fully validated (as `troupe data check` does) before it is
 //! written; image bytes are stored as given, masks as 8-bit grayscale PNG.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use image::GrayImage;
+use image::{GrayImage, RgbImage};
 use serde::Deserialize;
 
 use crate::check::check_sample;
@@ -97,9 +98,23 @@ struct ManifestLine {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ManifestCharacter {
-    embedding: NumbersOrFile,
-    keypoints: Keypoints,
+    #[serde(default)]
+    embedding: Option<NumbersOrFile>,
+    #[serde(default)]
+    keypoints: Option<Keypoints>,
     mask: String,
+}
+
+/// Computes a character's identity when its manifest line has none (`troupe data pack
+/// --face-detector … --face-recognizer …`).
+pub trait IdentityProvider {
+    /// The identity embedding (512 floats, unit norm) and the 5 face keypoints (flattened,
+    /// image pixels) of the character that `mask` marks in `image`, or why there is none.
+    fn identity(
+        &self,
+        image: &RgbImage,
+        mask: &GrayImage,
+    ) -> std::result::Result<(Vec<f32>, Vec<f32>), String>;
 }
 
 #[derive(Deserialize)]
@@ -176,13 +191,25 @@ pub fn write_shards(
     })
 }
 
-/// Packs a JSONL manifest into shards in `out`.
+/// Packs a JSONL manifest into shards in `out` (every character's identity given in it).
 pub fn pack_manifest(
     manifest: &Path,
     out: &Path,
     options: ShardWriterOptions,
     on_bad: OnBadLine,
     limits: DecodeLimits,
+) -> std::result::Result<PackReport, Vec<DataError>> {
+    pack_manifest_with(manifest, out, options, on_bad, limits, None)
+}
+
+/// [`pack_manifest`] with `identity` computing the identity of characters that lack one.
+pub fn pack_manifest_with(
+    manifest: &Path,
+    out: &Path,
+    options: ShardWriterOptions,
+    on_bad: OnBadLine,
+    limits: DecodeLimits,
+    identity: Option<&dyn IdentityProvider>,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
     let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
     let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -203,7 +230,7 @@ pub fn pack_manifest(
             if line.trim().is_empty() {
                 continue;
             }
-            return Some(sample_from_line(&line, &base, &at, limits));
+            return Some(sample_from_line(&line, &base, &at, limits, identity));
         }
     })
 }
@@ -213,6 +240,7 @@ fn sample_from_line(
     base: &Path,
     at: &Location,
     limits: DecodeLimits,
+    identity: Option<&dyn IdentityProvider>,
 ) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
     let entry: ManifestLine = serde_json::from_str(line).map_err(|e| {
@@ -243,27 +271,54 @@ fn sample_from_line(
             path: Some(p.clone()),
         }),
     };
+    let mut decoded: Option<RgbImage> = None;
     let mut characters = Vec::new();
     for (i, c) in entry.characters.iter().enumerate() {
         let field = |name: &str| format!("characters[{i}].{name}");
+        let (_, mask_bytes) = read(&c.mask, &field("mask")).map_err(one)?;
+        let mask = decode_gray(&mask_bytes, &at.field(field("mask")), limits).map_err(one)?;
         let embedding = match &c.embedding {
-            NumbersOrFile::Inline(v) => v.clone(),
-            NumbersOrFile::File(rel) => {
+            Some(NumbersOrFile::Inline(v)) => Some(v.clone()),
+            Some(NumbersOrFile::File(rel)) => {
                 let (path, bytes) = read(rel, &field("embedding")).map_err(one)?;
-                read_npy_f32(&bytes).map_err(|m| {
+                Some(read_npy_f32(&bytes).map_err(|m| {
                     one(DataError::new(
                         at.field(field("embedding")),
                         format!("{}: {m}", path.display()),
                     ))
-                })?
+                })?)
             }
+            None => None,
         };
-        let keypoints = match &c.keypoints {
+        let keypoints = c.keypoints.as_ref().map(|k| match k {
             Keypoints::Pairs(p) => p.iter().flatten().copied().collect(),
             Keypoints::Flat(v) => v.clone(),
+        });
+        let (embedding, keypoints) = match (embedding, keypoints) {
+            (Some(e), Some(k)) => (e, k),
+            (e, k) => {
+                let missing = if e.is_none() {
+                    "embedding"
+                } else {
+                    "keypoints"
+                };
+                let Some(provider) = identity else {
+                    return Err(one(DataError::new(
+                        at.field(field(missing)),
+                        "missing (give it in the manifest, or pass --face-detector and --face-recognizer to compute it)",
+                    )));
+                };
+                if decoded.is_none() {
+                    let img = crate::image_io::decode_rgb(&image.bytes, &at.field("image"), limits);
+                    decoded = Some(img.map_err(one)?);
+                }
+                let img = decoded.as_ref().expect("decoded just above");
+                let (de, dk) = provider
+                    .identity(img, &mask)
+                    .map_err(|m| one(DataError::new(at.field(field(missing)), m)))?;
+                (e.unwrap_or(de), k.unwrap_or(dk))
+            }
         };
-        let (_, mask_bytes) = read(&c.mask, &field("mask")).map_err(one)?;
-        let mask = decode_gray(&mask_bytes, &at.field(field("mask")), limits).map_err(one)?;
         characters.push(CharacterInput {
             embedding,
             keypoints,

@@ -99,6 +99,20 @@ pub struct FaceAnalysis {
 }
 
 impl FaceAnalysis {
+    /// Loads a detector (letterbox `det_size` × `det_size`) and a recogniser (aligning with
+    /// `warp`'s `warpAffine` arithmetic).
+    pub fn load(
+        detector: &Path,
+        recognizer: &Path,
+        det_size: usize,
+        warp: troupe_data::ops::geometry::WarpImpl,
+    ) -> Result<Self, FaceError> {
+        Ok(Self {
+            detector: ScrfdDetector::load(detector, (det_size, det_size))?,
+            recognizer: ArcFaceRecognizer::load(recognizer, warp)?,
+        })
+    }
+
     /// Every face of `img` in the detector's order (score, after NMS), each with its
     /// embedding (`FaceAnalysis.get(img)`).
     pub fn get(&self, img: &RgbImage) -> Result<Vec<Face>, FaceError> {
@@ -120,6 +134,33 @@ impl FaceAnalysis {
     pub fn largest(&self, img: &RgbImage) -> Result<Option<Face>, FaceError> {
         let faces = self.get(img)?;
         Ok(largest(faces))
+    }
+}
+
+/// A character's identity for `troupe data pack`: the largest face whose box centre lies on
+/// the character's mask; its normed embedding and keypoints.
+impl troupe_data::pack::IdentityProvider for FaceAnalysis {
+    fn identity(
+        &self,
+        image: &RgbImage,
+        mask: &image::GrayImage,
+    ) -> Result<(Vec<f32>, Vec<f32>), String> {
+        let faces = self.get(image).map_err(|e| e.to_string())?;
+        let found = faces.len();
+        let on_mask = faces.into_iter().filter(|f| {
+            let b = f.detection.bbox;
+            let (x, y) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+            x >= 0.0
+                && y >= 0.0
+                && (x as u32) < mask.width()
+                && (y as u32) < mask.height()
+                && mask.get_pixel(x as u32, y as u32).0[0] > 0
+        });
+        let face = largest(on_mask.collect()).ok_or_else(|| {
+            format!("no detected face lies on the character's mask ({found} faces in the image)")
+        })?;
+        let kps = face.detection.kps.iter().flatten().copied().collect();
+        Ok((face.normed_embedding(), kps))
     }
 }
 
