@@ -171,11 +171,36 @@ impl ScrfdDetector {
     pub fn detect(&self, img: &RgbImage) -> Result<Vec<Detection>, FaceError> {
         let (blob, scale) = self.blob(img);
         let outputs = self.run(blob)?;
+        self.check_outputs(&outputs)?;
         Ok(self.decode(&outputs, scale))
     }
 
-    /// Candidates above the threshold from the raw outputs, in image pixels, sorted by score
-    /// (stable), then NMS.
+    /// Checks the raw outputs' sizes against the SCRFD layout at this `det_size` (a model with
+    /// the right output count but another anchor layout must not be indexed out of bounds).
+    fn check_outputs(&self, outputs: &[Vec<f32>]) -> Result<(), FaceError> {
+        let (w, h) = self.det_size;
+        let per_value = if self.use_kps { [1, 4, 10] } else { [1, 4, 0] };
+        for (level, &stride) in STRIDES.iter().enumerate() {
+            let anchors = (w / stride) * (h / stride) * ANCHORS;
+            for (head, &k) in per_value.iter().enumerate().filter(|(_, k)| **k > 0) {
+                let got = outputs[level + head * STRIDES.len()].len();
+                if got != anchors * k {
+                    return Err(FaceError::model(
+                        &self.path,
+                        format!(
+                            "output {} has {got} values at {w}x{h}; SCRFD with 2 anchors per location at stride {stride} needs {}",
+                            level + head * STRIDES.len(),
+                            anchors * k
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Candidates above the threshold from the raw outputs (sizes as [`Self::detect`] checks
+    /// them), in image pixels, sorted by score (stable), then NMS.
     pub fn decode(&self, outputs: &[Vec<f32>], scale: f64) -> Vec<Detection> {
         let (w, h) = self.det_size;
         let mut candidates = Vec::new();
