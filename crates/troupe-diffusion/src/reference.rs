@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, RgbImage};
 use troupe_data::error::Location;
 use troupe_data::image_io::{DecodeLimits, decode_rgb};
-use troupe_data::ops::color::clip_normalize;
+use troupe_data::ops::clip_image::ClipImageProcessor;
 use troupe_data::ops::geometry::{WarpImpl, norm_crop_with};
 use troupe_data::ops::morph::{
     composite_on_white, crop_gray, crop_rgb, gaussian_blur_5x5, nonzero_bbox,
@@ -147,7 +147,7 @@ impl Reference {
             embedding.display(),
             keypoints.display()
         );
-        Self::new(source, img, mask_img, emb, &flat, &shown(image))
+        Self::checked(source, img, mask_img, emb, &flat, &shown(image), true)
     }
 
     /// Reads character `character` of the row whose id is `id` in the shard `shard`.
@@ -181,7 +181,15 @@ impl Reference {
                     err(&at, &format!("characters[{character}].mask"), e.to_string())
                 })?;
                 let source = format!("{file}#{id}:{character}");
-                return Self::new(source, image, mask, c.embedding.clone(), &c.keypoints, &at);
+                return Self::checked(
+                    source,
+                    image,
+                    mask,
+                    c.embedding.clone(),
+                    &c.keypoints,
+                    &at,
+                    true,
+                );
             }
         }
         Err(err(&file, "id", format!("no row with id `{id}`")))
@@ -262,17 +270,7 @@ impl Reference {
         Self::checked(source, image, mask, embedding, keypoints, file, false)
     }
 
-    fn new(
-        source: String,
-        image: RgbImage,
-        mask: RgbImage,
-        embedding: Vec<f32>,
-        keypoints: &[f32],
-        file: &str,
-    ) -> Result<Self, DiffusionError> {
-        Self::checked(source, image, mask, embedding, keypoints, file, true)
-    }
-
+    /// Validates the parts; `check_inside` refuses keypoints outside the image (given ones).
     fn checked(
         source: String,
         image: RgbImage,
@@ -331,9 +329,15 @@ impl Reference {
     pub fn crops(&self, clip_size: u32, ops: &CropOps) -> Result<ReferenceCrops, DiffusionError> {
         let body = self.body_crop(ops)?;
         let face = norm_crop_with(&self.image, &self.keypoints, CROP_SIZE, ops.warp);
+        let processor = ClipImageProcessor::square(clip_size, ops.pass_order);
+        let process = |img: &RgbImage| {
+            processor
+                .process(img)
+                .map_err(|e| err(&self.source, "", e.to_string()))
+        };
         Ok(ReferenceCrops {
-            body: clip_preprocess(&body, clip_size, ops, &self.source)?,
-            face: clip_preprocess(&face, clip_size, ops, &self.source)?,
+            body: process(&body)?,
+            face: process(&face)?,
         })
     }
 
@@ -364,19 +368,4 @@ impl Reference {
 fn channel(img: &RgbImage, c: usize) -> GrayImage {
     let (w, h) = img.dimensions();
     GrayImage::from_fn(w, h, |x, y| image::Luma([img.get_pixel(x, y).0[c]]))
-}
-
-/// `CLIPImageProcessor` with `shortest_edge = crop = size` on a square uint8 image: Pillow
-/// bicubic resize (a copy at the same size), centre crop (a no-op on a square), CLIP
-/// normalisation → `[3, size, size]`.
-pub fn clip_preprocess(
-    img: &RgbImage,
-    size: u32,
-    ops: &CropOps,
-    source: &str,
-) -> Result<Vec<f32>, DiffusionError> {
-    let resized = ops.resize(img, size, size, source)?;
-    let mut out = vec![0f32; 3 * (size * size) as usize];
-    clip_normalize(&resized, &mut out);
-    Ok(out)
 }

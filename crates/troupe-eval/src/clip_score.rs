@@ -7,9 +7,7 @@
 //! * **CLIP-I** = 100 · cos between a generated image and its reference image.
 //!
 //! Images are preprocessed as the folder's `CLIPImageProcessor` (PIL backend) does from uint8
-//! pixels: Pillow bicubic resize of the shortest side (`int(size · long / short)` for the other
-//! side), centre crop (`(h − crop) // 2`), `x · rescale_factor` in float64 cast to float32, then
-//! `(x − mean) / std` in float32. Captions use the CLIP BPE tokenizer padded to 77, with the
+//! pixels (`troupe_data::ops::clip_image`, shared with the generation pipeline's crops). Captions use the CLIP BPE tokenizer padded to 77, with the
 //! text tower's own end-of-text pooling rule.
 
 use std::path::Path;
@@ -18,7 +16,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, Int};
 use image::RgbImage;
 use serde::Deserialize;
-use troupe_data::ops::resize::{Filter, PassOrder, Resizer, resize_rgb};
+use troupe_data::ops::clip_image::ClipImageProcessor;
+use troupe_data::ops::resize::PassOrder;
 use troupe_models::clip::{ClipConfig, ClipTextModel, ClipVisionModel};
 use troupe_models::error::ModelError;
 use troupe_models::tokenizer::{ClipTokenizer, TokenizerError};
@@ -126,8 +125,7 @@ pub struct ClipScorer {
     text: ClipTextModel,
     vision: ClipVisionModel,
     tokenizer: ClipTokenizer,
-    processor: ImageProcessorConfig,
-    pass_order: PassOrder,
+    processor: ClipImageProcessor,
     device: Device,
 }
 
@@ -155,55 +153,31 @@ impl ClipScorer {
             text,
             vision,
             tokenizer: ClipTokenizer::from_dir(dir)?,
-            processor,
-            pass_order,
+            processor: ClipImageProcessor {
+                shortest_edge: processor.size.shortest_edge,
+                crop_width: processor.crop_size.width,
+                crop_height: processor.crop_size.height,
+                rescale_factor: processor.rescale_factor,
+                mean: processor.image_mean,
+                std: processor.image_std,
+                pass_order,
+            },
             device: device.clone(),
         })
     }
 
     /// The processor's pixel values of `img`: `[3, crop_h, crop_w]`.
     pub fn pixel_values(&self, img: &RgbImage, source: &Path) -> Result<Vec<f32>, ScoreError> {
-        let p = &self.processor;
-        let (w, h) = img.dimensions();
-        let (short, long) = (w.min(h), w.max(h));
-        let s = p.size.shortest_edge;
-        let other = (s as f64 * long as f64 / short as f64) as u32;
-        let (nw, nh) = if w <= h { (s, other) } else { (other, s) };
-        let (cw, ch) = (p.crop_size.width, p.crop_size.height);
-        if nw < cw || nh < ch || nw == 0 || nh == 0 {
-            return Err(input(
-                source,
-                format!("a {w}x{h} image resizes to {nw}x{nh}, smaller than the {cw}x{ch} crop"),
-            ));
-        }
-        let resized = resize_rgb(
-            &mut Resizer::with_order(self.pass_order),
-            img,
-            nw,
-            nh,
-            Filter::CatmullRom,
-        )
-        .map_err(|e| input(source, e.to_string()))?;
-        let (top, left) = ((nh - ch) / 2, (nw - cw) / 2);
-        let mut out = vec![0f32; 3 * (cw * ch) as usize];
-        let plane = (cw * ch) as usize;
-        for y in 0..ch {
-            for x in 0..cw {
-                let px = resized.get_pixel(left + x, top + y).0;
-                for c in 0..3 {
-                    let v = (px[c] as f64 * p.rescale_factor) as f32;
-                    out[c * plane + (y * cw + x) as usize] = (v - p.image_mean[c]) / p.image_std[c];
-                }
-            }
-        }
-        Ok(out)
+        self.processor
+            .process(img)
+            .map_err(|e| input(source, e.to_string()))
     }
 
     /// L2-normalised projected image features of `images` (`[N, P]`).
     pub fn image_features(&self, images: &[(&RgbImage, &Path)]) -> Result<Tensor<2>, ScoreError> {
         let (cw, ch) = (
-            self.processor.crop_size.width as usize,
-            self.processor.crop_size.height as usize,
+            self.processor.crop_width as usize,
+            self.processor.crop_height as usize,
         );
         let mut pixels = Vec::with_capacity(images.len() * 3 * cw * ch);
         for (img, source) in images {

@@ -16,6 +16,7 @@
 //! | [`geometry`] | `PIL.Image.rotate` (nearest), skimage `SimilarityTransform.estimate`, insightface `estimate_norm` / `norm_crop`, `cv2.warpAffine` (bilinear) |
 //! | [`resize`] | `PIL.Image.resize` (LANCZOS / BICUBIC / BILINEAR), `cv2.resize(INTER_LINEAR)`, StoryMaker's training-size rule |
 //! | [`color`] | `CLIPImageProcessor` normalisation, torchvision `ToTensor` (+ `Normalize(0.5, 0.5)`) |
+//! | [`clip_image`] | `CLIPImageProcessor` as a whole (shortest-side resize, centre crop, rescale, normalise) |
 //!
 //! Library versions: the defaults reproduce the StoryMaker era (OpenCV 4.x, Pillow ≤ 12).
 //! Two calls changed since and have switchable variants, each verified against both behaviours:
@@ -25,6 +26,7 @@
 
 #![warn(missing_docs)]
 
+pub mod clip_image;
 pub mod color;
 pub mod geometry;
 pub mod morph;
@@ -57,6 +59,18 @@ pub enum OpsError {
         width: u32,
         /// Its height.
         height: u32,
+    },
+    /// A centre crop larger than the resized image.
+    #[error("a {width}x{height} resized image is smaller than the {crop_width}x{crop_height} crop")]
+    CropTooLarge {
+        /// Resized width.
+        width: u32,
+        /// Resized height.
+        height: u32,
+        /// Crop width.
+        crop_width: u32,
+        /// Crop height.
+        crop_height: u32,
     },
 }
 
