@@ -105,16 +105,16 @@ struct ManifestCharacter {
     mask: String,
 }
 
-/// Computes a character's identity when its manifest line has none (`troupe data pack
+/// An identity: embedding (512 floats, unit norm) and 5 face keypoints (flattened, image
+/// pixels), or why there is none.
+pub type Identity = std::result::Result<(Vec<f32>, Vec<f32>), String>;
+
+/// Computes characters' identities when their manifest line has none (`troupe data pack
 /// --face-detector … --face-recognizer …`).
 pub trait IdentityProvider {
-    /// The identity embedding (512 floats, unit norm) and the 5 face keypoints (flattened,
-    /// image pixels) of the character that `mask` marks in `image`, or why there is none.
-    fn identity(
-        &self,
-        image: &RgbImage,
-        mask: &GrayImage,
-    ) -> std::result::Result<(Vec<f32>, Vec<f32>), String>;
+    /// The identity of each character that a mask of `masks` marks in `image` (one result per
+    /// mask, in order; the image is analysed once).
+    fn identities(&self, image: &RgbImage, masks: &[&GrayImage]) -> Vec<Identity>;
 }
 
 #[derive(Deserialize)]
@@ -271,8 +271,8 @@ fn sample_from_line(
             path: Some(p.clone()),
         }),
     };
-    let mut decoded: Option<RgbImage> = None;
-    let mut characters = Vec::new();
+    // Given identities as they are; missing ones, all characters of the image at once.
+    let mut given = Vec::new();
     for (i, c) in entry.characters.iter().enumerate() {
         let field = |name: &str| format!("characters[{i}].{name}");
         let (_, mask_bytes) = read(&c.mask, &field("mask")).map_err(one)?;
@@ -294,37 +294,49 @@ fn sample_from_line(
             Keypoints::Pairs(p) => p.iter().flatten().copied().collect(),
             Keypoints::Flat(v) => v.clone(),
         });
-        let (embedding, keypoints) = match (embedding, keypoints) {
-            (Some(e), Some(k)) => (e, k),
-            (e, k) => {
-                let missing = if e.is_none() {
-                    "embedding"
-                } else {
-                    "keypoints"
-                };
-                let Some(provider) = identity else {
-                    return Err(one(DataError::new(
-                        at.field(field(missing)),
-                        "missing (give it in the manifest, or pass --face-detector and --face-recognizer to compute it)",
-                    )));
-                };
-                if decoded.is_none() {
-                    let img = crate::image_io::decode_rgb(&image.bytes, &at.field("image"), limits);
-                    decoded = Some(img.map_err(one)?);
-                }
-                let img = decoded.as_ref().expect("decoded just above");
-                let (de, dk) = provider
-                    .identity(img, &mask)
-                    .map_err(|m| one(DataError::new(at.field(field(missing)), m)))?;
-                (e.unwrap_or(de), k.unwrap_or(dk))
-            }
-        };
-        characters.push(CharacterInput {
-            embedding,
-            keypoints,
-            mask,
-        });
+        given.push((mask, embedding, keypoints));
     }
+    let missing: Vec<usize> = (0..given.len())
+        .filter(|&i| given[i].1.is_none() || given[i].2.is_none())
+        .collect();
+    let mut computed = vec![None; given.len()];
+    if let Some(&first) = missing.first() {
+        let what = if given[first].1.is_none() {
+            "embedding"
+        } else {
+            "keypoints"
+        };
+        let Some(provider) = identity else {
+            return Err(one(DataError::new(
+                at.field(format!("characters[{first}].{what}")),
+                "missing (give it in the manifest, or pass --face-detector and --face-recognizer to compute it)",
+            )));
+        };
+        let img =
+            crate::image_io::decode_rgb(&image.bytes, &at.field("image"), limits).map_err(one)?;
+        let masks: Vec<&GrayImage> = missing.iter().map(|&i| &given[i].0).collect();
+        for (&i, result) in missing.iter().zip(provider.identities(&img, &masks)) {
+            let what = if given[i].1.is_none() {
+                "embedding"
+            } else {
+                "keypoints"
+            };
+            let field = at.field(format!("characters[{i}].{what}"));
+            computed[i] = Some(result.map_err(|m| one(DataError::new(field, m)))?);
+        }
+    }
+    let characters = given
+        .into_iter()
+        .zip(computed)
+        .map(|((mask, e, k), c)| {
+            let (ce, ck) = c.unzip();
+            CharacterInput {
+                embedding: e.or(ce).unwrap_or_default(),
+                keypoints: k.or(ck).unwrap_or_default(),
+                mask,
+            }
+        })
+        .collect();
     let id = entry.id.clone().unwrap_or_else(|| entry.image.clone());
     build_sample(id, image, entry.caption, characters, pose, at, limits)
 }

@@ -137,30 +137,40 @@ impl FaceAnalysis {
     }
 }
 
-/// A character's identity for `troupe data pack`: the largest face whose box centre lies on
-/// the character's mask; its normed embedding and keypoints.
+/// Characters' identities for `troupe data pack`: for each mask, the largest face whose box
+/// centre lies on it; its normed embedding and keypoints. The image is analysed once.
 impl troupe_data::pack::IdentityProvider for FaceAnalysis {
-    fn identity(
+    fn identities(
         &self,
         image: &RgbImage,
-        mask: &image::GrayImage,
-    ) -> Result<(Vec<f32>, Vec<f32>), String> {
-        let faces = self.get(image).map_err(|e| e.to_string())?;
-        let found = faces.len();
-        let on_mask = faces.into_iter().filter(|f| {
-            let b = f.detection.bbox;
-            let (x, y) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
-            x >= 0.0
-                && y >= 0.0
-                && (x as u32) < mask.width()
-                && (y as u32) < mask.height()
-                && mask.get_pixel(x as u32, y as u32).0[0] > 0
-        });
-        let face = largest(on_mask.collect()).ok_or_else(|| {
-            format!("no detected face lies on the character's mask ({found} faces in the image)")
-        })?;
-        let kps = face.detection.kps.iter().flatten().copied().collect();
-        Ok((face.normed_embedding(), kps))
+        masks: &[&image::GrayImage],
+    ) -> Vec<troupe_data::pack::Identity> {
+        let faces = match self.get(image) {
+            Ok(f) => f,
+            Err(e) => return masks.iter().map(|_| Err(e.to_string())).collect(),
+        };
+        masks
+            .iter()
+            .map(|mask| {
+                let on_mask = faces.iter().filter(|f| {
+                    let b = f.detection.bbox;
+                    let (x, y) = ((b[0] + b[2]) / 2.0, (b[1] + b[3]) / 2.0);
+                    x >= 0.0
+                        && y >= 0.0
+                        && (x as u32) < mask.width()
+                        && (y as u32) < mask.height()
+                        && mask.get_pixel(x as u32, y as u32).0[0] > 0
+                });
+                let face = largest(on_mask.cloned().collect()).ok_or_else(|| {
+                    let n = faces.len();
+                    format!(
+                        "no detected face lies on the character's mask ({n} faces in the image)"
+                    )
+                })?;
+                let kps = face.detection.kps.iter().flatten().copied().collect();
+                Ok((face.normed_embedding(), kps))
+            })
+            .collect()
     }
 }
 
