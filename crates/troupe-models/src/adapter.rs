@@ -13,7 +13,7 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
-use crate::ppr::{DIM_HEAD_METADATA, FaceIdPlus, FaceIdPlusConfig};
+use crate::ppr::{FaceIdPlus, FaceIdPlusConfig};
 use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::weights::{StateDict, WeightError};
 
@@ -240,10 +240,6 @@ impl Adapter {
         m.insert(
             "producer".into(),
             format!("troupe {}", env!("CARGO_PKG_VERSION")),
-        );
-        m.insert(
-            DIM_HEAD_METADATA.into(),
-            self.spec.ppr.resampler_dim_head.to_string(),
         );
         let (k, v) = self.spec.metadata();
         m.insert(k, v);
