@@ -1,22 +1,13 @@
 //! `troupe eval clip` prints the score transformers computes (fixtures of troupe-eval).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
+
+use common::{root, troupe};
 
 fn fixtures() -> PathBuf {
     root().join("crates/troupe-eval/tests/fixtures/clip_score")
-}
-
-fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run troupe")
 }
 
 /// The fixture `CLIPModel` with the real CLIP tokenizer files beside it.

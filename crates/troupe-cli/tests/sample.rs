@@ -2,19 +2,11 @@
 //! refused before any denoising with nothing left in `--out`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+mod common;
 
-fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .current_dir(root())
-        .args(args)
-        .output()
-        .expect("run troupe")
-}
+use common::{root, troupe};
+use std::process::Output;
 
 fn refs() -> PathBuf {
     root().join("crates/troupe-diffusion/tests/fixtures/pipeline")
