@@ -138,43 +138,9 @@ fn settings_from_flags(args: &SampleArgs, prompt: &str, size: usize) -> Result<S
     })
 }
 
-/// A command-line reference; `photo=IMG,mask=MASK` runs face analysis on IMG (the largest
-/// face's normed embedding and keypoints, as the reference pipeline takes them).
+/// A command-line reference (`photo=` ones through face analysis).
 fn reference(arg: &str, base: &Path, faces: Option<&FaceAnalysis>) -> Result<Reference> {
-    let fields: Vec<(&str, &str)> = arg.split(',').filter_map(|kv| kv.split_once('=')).collect();
-    let Some((_, photo)) = fields.iter().find(|(k, _)| *k == "photo") else {
-        return Ok(Reference::parse(arg, base)?);
-    };
-    let Some(fa) = faces else {
-        bail!(
-            "--reference {arg}: a `photo=` reference needs --face-detector and --face-recognizer"
-        );
-    };
-    let mask = fields
-        .iter()
-        .find(|(k, _)| *k == "mask")
-        .with_context(|| format!("--reference {arg}: `photo=` needs `mask=`"))?
-        .1;
-    if let Some((k, _)) = fields.iter().find(|(k, _)| !["photo", "mask"].contains(k)) {
-        bail!("--reference {arg}: unknown field `{k}` with `photo=` (expected photo, mask)");
-    }
-    let (photo, mask) = (base.join(photo), base.join(mask));
-    let image = troupe_eval::clip_score::read_image(&photo)?;
-    let mask_img = troupe_eval::clip_score::read_image(&mask)?;
-    let face = fa
-        .largest(&image)?
-        .with_context(|| format!("{}: no face found", photo.display()))?;
-    let kps: Vec<f32> = face.detection.kps.iter().flatten().copied().collect();
-    let source = format!("photo={},mask={}", photo.display(), mask.display());
-    let file = photo.display().to_string();
-    Ok(Reference::from_parts(
-        source,
-        image,
-        mask_img,
-        face.normed_embedding(),
-        &kps,
-        &file,
-    )?)
+    Ok(troupe_eval::references::resolve(arg, base, faces)?)
 }
 
 /// The face models of `photo=` references, when given (aligning with the pipeline's
@@ -398,7 +364,7 @@ fn sidecar(
     })
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String> {
     use sha2::Digest;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(format!("{:x}", sha2::Sha256::digest(&bytes)))

@@ -1,6 +1,6 @@
 //! `troupe eval clip` prints the score transformers computes (fixtures of troupe-eval).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 mod common;
 
@@ -10,26 +10,14 @@ fn fixtures() -> PathBuf {
     root().join("crates/troupe-eval/tests/fixtures/clip_score")
 }
 
-/// The fixture `CLIPModel` with the real CLIP tokenizer files beside it.
-fn model_dir(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("clip");
-    std::fs::create_dir_all(&dir).unwrap();
-    for src in [
-        fixtures().join("model"),
-        root().join("configs/tiny-sdxl/tokenizer"),
-    ] {
-        for e in std::fs::read_dir(src).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    dir
+/// The tiny `CLIPModel` (the fixture's weights with the real CLIP tokenizer files).
+fn model_dir() -> PathBuf {
+    root().join("configs/tiny-scorers/clip")
 }
 
 #[test]
 fn clip_t_and_clip_i_on_the_command_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = model_dir(tmp.path());
+    let model = model_dir();
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("scores.json")).unwrap())
             .unwrap();

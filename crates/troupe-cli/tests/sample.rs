@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{root, troupe};
+use common::{adapter, adapter_for, root, troupe};
 use std::process::Output;
 
 fn refs() -> PathBuf {
@@ -29,35 +29,6 @@ fn reference(k: usize, over: &[(&str, &Path)]) -> String {
         .map(|(k, p)| format!("{k}={}", p.display()))
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// A fresh adapter (tiny sizes) for the UNet config `unet`, written to `out`.
-fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
-    let args = [
-        "adapter",
-        "init",
-        "--unet-config",
-        unet.to_str().unwrap(),
-        "--rank",
-        "4",
-        "--clip-dim",
-        "24",
-        "--ppr-dim-head",
-        "8",
-        "--ppr-depth",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let o = troupe(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    out.to_path_buf()
-}
-
-/// A fresh adapter for the tiny SDXL.
-fn adapter(dir: &Path) -> PathBuf {
-    let unet = root().join("configs/tiny-sdxl/unet/config.json");
-    adapter_for(&unet, &dir.join("adapter.safetensors"))
 }
 
 fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {

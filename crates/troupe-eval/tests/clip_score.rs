@@ -12,18 +12,10 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip_score")
 }
 
-/// The fixture model with the real CLIP tokenizer files beside it, as a hub folder has them.
-fn model_dir(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("clip");
-    std::fs::create_dir_all(&dir).unwrap();
-    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-sdxl/tokenizer");
-    for src in [fixtures().join("model"), tok] {
-        for e in std::fs::read_dir(src).unwrap() {
-            let p = e.unwrap().path();
-            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-    dir
+/// The fixture model with the real CLIP tokenizer files beside it, as a hub folder has them
+/// (`configs/tiny-scorers/clip` links both).
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/tiny-scorers/clip")
 }
 
 /// Max |a − b|; fails on any non-finite value or a length mismatch.
@@ -39,10 +31,8 @@ fn max_diff(got: &[f64], want: &[f64], what: &str) -> f64 {
 
 #[test]
 fn clip_t_and_clip_i_match_transformers() {
-    let tmp = tempfile::tempdir().unwrap();
     // The fixtures were made with Pillow 13 (the pinned reference environment).
-    let scorer =
-        ClipScorer::load(&model_dir(tmp.path()), PassOrder::Pillow13, &Device::flex()).unwrap();
+    let scorer = ClipScorer::load(&model_dir(), PassOrder::Pillow13, &Device::flex()).unwrap();
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(fixtures().join("scores.json")).unwrap())
             .unwrap();
@@ -95,8 +85,14 @@ fn clip_t_and_clip_i_match_transformers() {
 #[test]
 fn a_folder_without_a_preprocessor_config_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = model_dir(tmp.path());
-    std::fs::remove_file(dir.join("preprocessor_config.json")).unwrap();
+    let dir = tmp.path().join("clip");
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(model_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name().unwrap() != "preprocessor_config.json" {
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+    }
     let err = ClipScorer::load(&dir, PassOrder::Pillow13, &Device::flex())
         .err()
         .unwrap()

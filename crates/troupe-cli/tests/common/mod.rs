@@ -1,4 +1,6 @@
-//! Helpers shared by the command-line tests: the repository root and running `troupe` in it.
+//! Helpers shared by the command-line tests: the repository root, running `troupe` in it, and
+//! fresh tiny adapters.
+#![allow(dead_code)] // each test binary uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -15,4 +17,33 @@ pub fn troupe(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run troupe")
+}
+
+/// A fresh adapter (tiny sizes) for the UNet config `unet`, written to `out`.
+pub fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
+    let args = [
+        "adapter",
+        "init",
+        "--unet-config",
+        unet.to_str().unwrap(),
+        "--rank",
+        "4",
+        "--clip-dim",
+        "24",
+        "--ppr-dim-head",
+        "8",
+        "--ppr-depth",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = troupe(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out.to_path_buf()
+}
+
+/// A fresh adapter for the tiny SDXL.
+pub fn adapter(dir: &Path) -> PathBuf {
+    let unet = root().join("configs/tiny-sdxl/unet/config.json");
+    adapter_for(&unet, &dir.join("adapter.safetensors"))
 }

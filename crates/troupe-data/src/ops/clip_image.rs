@@ -58,6 +58,18 @@ impl ClipImageProcessor {
         let (w, h) = img.dimensions();
         let (nw, nh) = self.resized_size(w, h);
         let (cw, ch) = (self.crop_width, self.crop_height);
+        // A very elongated image resizes to a huge one before the crop: refuse it rather than
+        // exhaust memory (the budget is the decoder's).
+        let budget = crate::image_io::DecodeLimits::default().max_pixels;
+        if nw as u64 * nh as u64 > budget {
+            return Err(OpsError::ResizeTooLarge {
+                width: w,
+                height: h,
+                resized_width: nw,
+                resized_height: nh,
+                budget,
+            });
+        }
         if nw < cw || nh < ch {
             return Err(OpsError::CropTooLarge {
                 width: nw,
@@ -122,5 +134,12 @@ mod tests {
         q.crop_width = 40;
         let e = q.process(&RgbImage::new(32, 32)).unwrap_err().to_string();
         assert!(e.contains("40"), "{e}");
+        // 1 × 16384 (the decoder's longest side) at CLIP's 224 would resize to 224 × 3.7M.
+        let clip = ClipImageProcessor::square(224, PassOrder::default());
+        let e = clip
+            .process(&RgbImage::new(1, 16384))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1x16384") && e.contains("224x3670016"), "{e}");
     }
 }

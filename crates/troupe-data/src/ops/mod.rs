@@ -72,6 +72,22 @@ pub enum OpsError {
         /// Crop height.
         crop_height: u32,
     },
+    /// An image so elongated that its shortest-side resize exceeds the pixel budget.
+    #[error(
+        "a {width}x{height} image resizes to {resized_width}x{resized_height} before the crop, over the {budget}-pixel budget (aspect ratio too extreme for CLIP's preprocessing)"
+    )]
+    ResizeTooLarge {
+        /// Image width.
+        width: u32,
+        /// Image height.
+        height: u32,
+        /// Resized width.
+        resized_width: u32,
+        /// Resized height.
+        resized_height: u32,
+        /// Largest resized image accepted.
+        budget: u64,
+    },
 }
 
 /// An axis-aligned pixel rectangle `[x0, x1) × [y0, y1)` (exclusive upper bounds), as returned by
