@@ -295,7 +295,7 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
                             n.to_string_lossy().into_owned()
                         })
                     });
-                    RunData::load(d, label)
+                    RunData::load(d, label).map_err(anyhow::Error::from)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let html = troupe_eval::report::render(&runs)?;

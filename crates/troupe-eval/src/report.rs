@@ -97,22 +97,28 @@ fn stat(s: Option<&Stat>) -> String {
     }
 }
 
+/// How one metric is shown.
+type MetricCell = fn(&Metrics) -> String;
+
+/// The metrics of a table, in order.
+const METRICS: [(&str, MetricCell); 6] = [
+    ("Face similarity", |m| stat(m.face_sim.as_ref())),
+    ("Face detection rate", |m| {
+        m.face_detection_rate
+            .map_or("—".into(), |r| format!("{:.1}%", 100.0 * r))
+    }),
+    ("Face similarity (detected only)", |m| {
+        stat(m.face_sim_detected.as_ref())
+    }),
+    ("CLIP-T", |m| stat(Some(&m.clip_t))),
+    ("CLIP-I", |m| stat(Some(&m.clip_i))),
+    ("Images", |m| m.images.to_string()),
+];
+
+/// Rows = metrics, columns = runs.
 fn metric_rows(metrics: &[Option<&Metrics>]) -> String {
-    let rows: [(&str, &dyn Fn(&Metrics) -> String); 6] = [
-        ("Face similarity", &|m| stat(m.face_sim.as_ref())),
-        ("Face detection rate", &|m| {
-            m.face_detection_rate
-                .map_or("—".into(), |r| format!("{:.1}%", 100.0 * r))
-        }),
-        ("Face similarity (detected only)", &|m| {
-            stat(m.face_sim_detected.as_ref())
-        }),
-        ("CLIP-T", &|m| stat(Some(&m.clip_t))),
-        ("CLIP-I", &|m| stat(Some(&m.clip_i))),
-        ("Images", &|m| m.images.to_string()),
-    ];
     let mut out = String::new();
-    for (name, f) in rows {
+    for (name, f) in METRICS {
         let _ = write!(out, "<tr><th>{name}</th>");
         for m in metrics {
             let _ = write!(out, "<td>{}</td>", m.map_or("—".into(), f));
@@ -130,8 +136,9 @@ fn header_row(first: &str, runs: &[RunData]) -> String {
     out + "</tr>\n"
 }
 
-/// Tables keyed by subject or category: one block of metric rows per key.
-fn keyed_tables(
+/// One table keyed by subject or category: a row per key, a column group per metric with a
+/// column per run.
+fn keyed_table(
     runs: &[RunData],
     title: &str,
     get: &dyn Fn(&Summary) -> &BTreeMap<String, Metrics>,
@@ -142,11 +149,27 @@ fn keyed_tables(
     if keys.is_empty() {
         return String::new();
     }
-    let mut out = format!("<h2>{title}</h2>\n<table>\n");
+    let n = runs.len();
+    let mut out = format!("<h2>{title}</h2>\n<table>\n<tr><th rowspan=2></th>");
+    for (name, _) in METRICS {
+        let _ = write!(out, "<th colspan={n}>{name}</th>");
+    }
+    out += "</tr>\n<tr>";
+    for _ in METRICS {
+        for r in runs {
+            let _ = write!(out, "<th><small>{}</small></th>", esc(&r.label));
+        }
+    }
+    out += "</tr>\n";
     for key in keys {
-        out += &header_row(&esc(key), runs);
-        let ms: Vec<Option<&Metrics>> = runs.iter().map(|r| get(&r.summary).get(key)).collect();
-        out += &metric_rows(&ms);
+        let _ = write!(out, "<tr><th>{}</th>", esc(key));
+        for (_, f) in METRICS {
+            for r in runs {
+                let cell = get(&r.summary).get(key).map_or("—".into(), f);
+                let _ = write!(out, "<td>{cell}</td>");
+            }
+        }
+        out += "</tr>\n";
     }
     out + "</table>\n"
 }
@@ -208,13 +231,13 @@ fn grids(runs: &[RunData]) -> Result<String, EvalError> {
             let first = by_run.values().next().and_then(|v| v.first());
             let prompt = first.map_or(String::new(), |l| esc(&l.prompt));
             let _ = write!(out, "<tr><th>{prompt}<br><small>seed {seed}</small></th>");
-            for r in 0..runs.len() {
+            for (r, run) in runs.iter().enumerate() {
                 out += "<td>";
                 for l in by_run.get(&r).into_iter().flatten() {
                     let _ = write!(
                         out,
                         "<figure><img src=\"{}\" alt=\"{}\"><figcaption>{}</figcaption></figure>",
-                        thumbnail(&runs[r].image_path(&l.file))?,
+                        thumbnail(&run.image_path(&l.file))?,
                         esc(&l.file),
                         caption(l)
                     );
@@ -249,8 +272,8 @@ pub fn render(runs: &[RunData]) -> Result<String, EvalError> {
     let overall: Vec<Option<&Metrics>> = runs.iter().map(|r| Some(&r.summary.overall)).collect();
     out += &metric_rows(&overall);
     out += "</table>\n";
-    out += &keyed_tables(runs, "Per subject", &|s| &s.per_subject);
-    out += &keyed_tables(runs, "Per category", &|s| &s.per_category);
+    out += &keyed_table(runs, "Per subject", &|s| &s.per_subject);
+    out += &keyed_table(runs, "Per category", &|s| &s.per_category);
     out += "<h2>How the numbers are made</h2>\n<dl>";
     for (k, v) in &first.conventions {
         let _ = write!(out, "<dt>{}</dt><dd>{}</dd>", esc(k), esc(v));
