@@ -281,6 +281,31 @@ fn samples_and_validation_during_training() {
         .collect();
     assert_eq!(val.iter().map(|v| v.0).collect::<Vec<_>>(), [2, 4]);
     assert!(val.iter().all(|v| v.1.is_finite() && v.1 > 0.0), "{val:?}");
+    // The samples are scored ([samples.scoring] of configs/tiny.toml): face similarity
+    // clamped at 0 and at most 100, a rate, and CLIP scores as 100 × cosines.
+    let scored: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("eval/clip_t").is_some())
+        .collect();
+    assert_eq!(
+        scored
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+    for v in &scored {
+        let get = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        assert!((0.0..=100.0001).contains(&get("eval/face_sim")), "{v}");
+        assert!(
+            (0.0..=1.0).contains(&get("eval/face_detection_rate")),
+            "{v}"
+        );
+        for k in ["eval/clip_t", "eval/clip_i"] {
+            assert!((-100.0..=100.0001).contains(&get(k)), "{v}");
+        }
+    }
     // Both reach TensorBoard: the scalar tag and the grid image.
     let events = std::fs::read_dir(&run)
         .unwrap()
@@ -290,6 +315,23 @@ fn samples_and_validation_during_training() {
     let bytes = std::fs::read(events).unwrap();
     let has = |tag: &[u8]| bytes.windows(tag.len()).any(|w| w == tag);
     assert!(has(b"val/loss") && has(b"samples") && has(b"\x89PNG"));
+    assert!(has(b"eval/face_sim") && has(b"eval/clip_t") && has(b"eval/clip_i"));
+}
+
+#[test]
+fn a_sample_reference_without_a_detectable_face_fails_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    // At det_size 160 the stand-in detector finds no face in row synth-0-000003.
+    let out = train_with(
+        &tmp.path().join("run"),
+        &["samples.scoring.det_size=160", "train.max_steps=1"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("samples.references[0]") && stderr.contains("no face"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -78,7 +78,7 @@ pub struct GenerationSpec {
 }
 
 /// `[scorers]`: the scorer models.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScorerSpec {
     /// transformers `CLIPModel` folder (CLIP-T and CLIP-I).

@@ -232,6 +232,11 @@ pub struct SamplesConfig {
     /// Image side in pixels (default: `data.resolution`, else the base model's size).
     #[serde(default)]
     pub size: Option<usize>,
+    /// `[samples.scoring]`: score every sample image as `troupe eval` does (`clip`,
+    /// `face_detector`, `face_recognizer`, `det_size`, `threshold`) and log `eval/face_sim`,
+    /// `eval/face_detection_rate`, `eval/clip_t`, `eval/clip_i`. Unset: not scored.
+    #[serde(default)]
+    pub scoring: Option<troupe_eval::protocol::ScorerSpec>,
 }
 
 fn zero_seed() -> Vec<u64> {
@@ -258,6 +263,7 @@ impl Default for SamplesConfig {
             scheduler: unipc(),
             guidance: guidance(),
             size: None,
+            scoring: None,
         }
     }
 }

@@ -1,16 +1,22 @@
 //! Samples during training: fixed prompts × reference sets × seeds rendered with the adapter
 //! being trained (the generation pipeline itself), into `RUN_DIR/samples/step-N/` — one PNG per
 //! image and `grid.png` (rows: prompt × reference set, columns: seeds) — and as a TensorBoard
-//! image. Loss is not a reliable indicator; pictures are.
+//! image. Loss is not a reliable indicator; pictures are. With `[samples.scoring]` every image
+//! is also scored as `troupe eval` scores (face similarity, CLIP-T, CLIP-I against the
+//! reference set) and the means go to metrics.jsonl and TensorBoard as `eval/*`.
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use image::RgbImage;
 use troupe_diffusion::conditioning::CharacterFeatures;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
 use troupe_diffusion::samplers::SamplerKind;
+
+use troupe_eval::matching::Negative;
+use troupe_eval::scorer::{Scorer, ScorerModels, SubjectFeatures, Target};
 
 use crate::config::SamplesConfig;
 use crate::records::Records;
@@ -22,6 +28,94 @@ pub struct Samples {
     sampler: SamplerKind,
     size: usize,
     sets: Vec<CharacterFeatures>,
+    scoring: Option<Scoring>,
+}
+
+/// The scorer and each reference set's subject features.
+struct Scoring {
+    scorer: Scorer,
+    subjects: Vec<Vec<SubjectFeatures>>,
+}
+
+impl Scoring {
+    /// Loads the scorer models (on `device`) and scores every reference now: a reference whose
+    /// face the detector cannot find fails here, not at step N.
+    fn prepare(
+        config: &SamplesConfig,
+        references: &[Vec<Reference>],
+        device: &burn::prelude::Device,
+    ) -> Result<Option<Self>> {
+        let Some(spec) = &config.scoring else {
+            return Ok(None);
+        };
+        let clip = spec
+            .clip
+            .as_deref()
+            .context("`samples.scoring.clip`: a CLIP model folder is required to score samples")?;
+        let faces = match (&spec.face_detector, &spec.face_recognizer) {
+            (Some(d), Some(r)) => Some((d.as_path(), r.as_path())),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "`samples.scoring`: give both `face_detector` and `face_recognizer`, or neither"
+            ),
+        };
+        let models = ScorerModels {
+            clip,
+            faces,
+            det_size: spec.det_size,
+            threshold: spec.threshold,
+            negative: Negative::Clamp,
+        };
+        let scorer = Scorer::load(&models, device).context("`samples.scoring`")?;
+        let subjects = references
+            .iter()
+            .enumerate()
+            .map(|(i, set)| {
+                set.iter()
+                    .map(|r| scorer.subject(&r.source, &r.image, Path::new(&r.source)))
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("`samples.references[{i}]`"))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(Self { scorer, subjects }))
+    }
+
+    /// Means over the images (`(set index, prompt, image)`): face similarity and CLIP-I per
+    /// (image, subject), no face counted as 0; CLIP-T per image.
+    fn score(&self, images: &[(usize, &str, RgbImage)]) -> Result<Vec<(&'static str, f64)>> {
+        let targets: Vec<Target> = images
+            .iter()
+            .map(|(set, prompt, image)| Target {
+                image,
+                source: Path::new("sample"),
+                prompt,
+                subjects: self.subjects[*set].iter().collect(),
+            })
+            .collect();
+        let scores = self.scorer.score(&targets)?;
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let pairs = |f: &dyn Fn(&troupe_eval::scorer::ImageScores) -> Vec<f64>| {
+            mean(scores.iter().flat_map(f).collect())
+        };
+        let mut out = vec![
+            (
+                "eval/clip_t",
+                mean(scores.iter().map(|s| s.clip_t).collect()),
+            ),
+            ("eval/clip_i", pairs(&|s| s.clip_i.clone())),
+        ];
+        if self.scorer.has_faces() {
+            out.push(("eval/face_sim", pairs(&|s| s.face_sim.clone())));
+            let found = |s: &troupe_eval::scorer::ImageScores| {
+                s.face_matched
+                    .iter()
+                    .map(|&m| f64::from(u8::from(m)))
+                    .collect()
+            };
+            out.push(("eval/face_detection_rate", pairs(&found)));
+        }
+        Ok(out)
+    }
 }
 
 impl Samples {
@@ -36,7 +130,7 @@ impl Samples {
             return Ok(None);
         }
         let cwd = Path::new(".");
-        let mut sets = Vec::new();
+        let (mut sets, mut references) = (Vec::new(), Vec::new());
         for (i, set) in config.references.iter().enumerate() {
             let refs = set
                 .iter()
@@ -44,12 +138,15 @@ impl Samples {
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("`samples.references[{i}]`"))?;
             sets.push(pipeline.characters(&refs)?);
+            references.push(refs);
         }
+        let scoring = Scoring::prepare(config, &references, &pipeline.device.clone().inner())?;
         let samples = Self {
             sampler: SamplerKind::parse(&config.scheduler)?,
             config: config.clone(),
             size,
             sets,
+            scoring,
         };
         pipeline
             .check(&samples.settings("", 0))
@@ -105,13 +202,19 @@ impl Samples {
                     let file = dir.join(format!("p{p}-r{r}-s{}.png", s.seed));
                     write_atomic(&file, &png(&img))
                         .with_context(|| format!("writing {}", file.display()))?;
-                    images.push(img);
+                    images.push((r, prompt.as_str(), img));
                 }
             }
         }
-        let grid = contact_sheet(&images, self.config.seeds.len());
+        let pictures: Vec<_> = images.iter().map(|(_, _, img)| img.clone()).collect();
+        let grid = contact_sheet(&pictures, self.config.seeds.len());
         let bytes = png(&grid);
         write_atomic(&dir.join("grid.png"), &bytes)?;
-        records.image(step, "samples", &bytes, grid.width(), grid.height())
+        records.image(step, "samples", &bytes, grid.width(), grid.height())?;
+        if let Some(scoring) = &self.scoring {
+            let scores = scoring.score(&images).context("scoring the samples")?;
+            records.scalars(step, &scores)?;
+        }
+        Ok(())
     }
 }
