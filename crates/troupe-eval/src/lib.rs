@@ -44,11 +44,24 @@ pub enum EvalError {
     },
     /// The CLIP scorer.
     #[error(transparent)]
-    Clip(#[from] clip_score::ScoreError),
+    Clip(Box<clip_score::ScoreError>),
     /// Face analysis.
     #[error(transparent)]
     Face(#[from] troupe_faces::FaceError),
     /// A reference the generation pipeline rejects.
     #[error(transparent)]
-    Reference(#[from] troupe_diffusion::error::DiffusionError),
+    Reference(Box<troupe_diffusion::error::DiffusionError>),
+}
+
+// Boxed: the large errors would make every `Result<_, EvalError>` large.
+impl From<clip_score::ScoreError> for EvalError {
+    fn from(e: clip_score::ScoreError) -> Self {
+        Self::Clip(Box::new(e))
+    }
+}
+
+impl From<troupe_diffusion::error::DiffusionError> for EvalError {
+    fn from(e: troupe_diffusion::error::DiffusionError) -> Self {
+        Self::Reference(Box::new(e))
+    }
 }
