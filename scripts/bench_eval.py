@@ -12,7 +12,7 @@ sides.
 * troupe: `troupe eval score` on a protocol written to a temp dir (one subject, the astronaut
   photo of the face fixtures as a `photo=` reference); its own rate line
   ("scored N/N images (R images/s)", measured from the first image to the last) is read.
-* Python: the loop above with `CLIPProcessor`/`CLIPModel.get_image_features`/`get_text_features`
+* Python: the loop above with `CLIPImageProcessorPil` + `CLIPTokenizer`/`CLIPModel.get_image_features`/`get_text_features`
   (float32, torch.no_grad) and `insightface.app.FaceAnalysis(allowed_modules=[detection,
   recognition]).get` on the same ONNX files (CPUExecutionProvider), wall time of the loop.
 * Threads: T for torch (`torch.set_num_threads`) and troupe (`RAYON_NUM_THREADS`); onnxruntime
@@ -62,7 +62,8 @@ BATCH = 8
 
 def write_b32(out):
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -72,7 +73,7 @@ def write_b32(out):
                            num_attention_heads=12, image_size=224, patch_size=32, hidden_act="quick_gelu"),
         projection_dim=512)
     CLIPModel(config).eval().save_pretrained(out, safe_serialization=True)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out)
     for f in os.listdir(TOKENIZER):
         shutil.copy(os.path.join(TOKENIZER, f), out)
 
@@ -122,20 +123,31 @@ def bench_troupe(protocol, tmp, threads):
     return rate, out.stdout.strip().splitlines()[0]
 
 
+def features(out):
+    """Projected features (transformers 5 wraps them in an output's `pooler_output`), normalised."""
+    out = getattr(out, "pooler_output", out)
+    return out / out.norm(dim=-1, keepdim=True)
+
+
 def bench_python(clip_dir, items, threads):
     import cv2
     import torch
     from insightface.app import FaceAnalysis
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     torch.set_num_threads(threads)
-    with tempfile.TemporaryDirectory() as models:
-        for f in ("det_tiny.onnx", "rec_tiny.onnx"):
-            shutil.copy(os.path.realpath(os.path.join(SCORERS, f)), models)
-        app = FaceAnalysis(name=models, root=models, providers=["CPUExecutionProvider"],
-                           allowed_modules=["detection", "recognition"])
-        app.prepare(ctx_id=-1, det_thresh=0.5, det_size=(DET_SIZE, DET_SIZE))
-    model = CLIPModel.from_pretrained(clip_dir).eval()
-    processor = CLIPProcessor.from_pretrained(clip_dir)
+    models = tempfile.mkdtemp()  # insightface may reopen the files: kept to the end
+    for f in ("det_tiny.onnx", "rec_tiny.onnx"):
+        shutil.copy(os.path.realpath(os.path.join(SCORERS, f)), models)
+    app = FaceAnalysis(name=models, root=models, providers=["CPUExecutionProvider"],
+                       allowed_modules=["detection", "recognition"])
+    app.prepare(ctx_id=-1, det_thresh=0.5, det_size=(DET_SIZE, DET_SIZE))
+    # float32 on both sides (the tiny model is stored in f16; troupe computes in f32).
+    model = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).eval()
+    # The PIL backend (transformers 5's default CLIPProcessor uses torchvision's resize, whose
+    # arithmetic differs slightly from Pillow's, which troupe reproduces).
+    processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
 
     def largest(img):
         faces = app.get(img)
@@ -144,20 +156,17 @@ def bench_python(clip_dir, items, threads):
     with torch.no_grad():
         ref_bgr = cv2.imread(ASTRONAUT)
         ref_face = largest(ref_bgr).normed_embedding
-        ref_clip = model.get_image_features(**processor(images=Image.open(ASTRONAUT).convert("RGB"),
-                                                        return_tensors="pt"))
-        ref_clip = ref_clip / ref_clip.norm(dim=-1, keepdim=True)
+        ref_clip = features(model.get_image_features(
+            **processor(images=Image.open(ASTRONAUT).convert("RGB"), return_tensors="pt")))
         start = time.perf_counter()
         scores = []
         for b in range(0, len(items), BATCH):
             batch = items[b:b + BATCH]
             pil = [Image.open(p).convert("RGB") for p, _ in batch]
-            img = model.get_image_features(**processor(images=pil, return_tensors="pt"))
-            img = img / img.norm(dim=-1, keepdim=True)
+            img = features(model.get_image_features(**processor(images=pil, return_tensors="pt")))
             prompts = sorted({t for _, t in batch})
-            tok = processor(text=prompts, padding="max_length", max_length=77, return_tensors="pt")
-            txt = model.get_text_features(input_ids=tok["input_ids"])
-            txt = txt / txt.norm(dim=-1, keepdim=True)
+            tok = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+            txt = features(model.get_text_features(input_ids=tok["input_ids"]))
             for k, (path, prompt) in enumerate(batch):
                 face = largest(cv2.imread(path))
                 fs = max(float(face.normed_embedding @ ref_face), 0.0) * 100 if face is not None else 0.0
