@@ -1,29 +1,16 @@
 //! `troupe adapter init` and `troupe export`: the reference key layout, both containers, f16.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use troupe_pt::{DType, Value};
 
-fn troupe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
-        .args(args)
-        .output()
-        .expect("run troupe")
-}
+mod common;
+
+use common::{ok, troupe};
 
 fn unet_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../troupe-models/tests/fixtures/unet/sdxl_tiny/config.json")
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn safetensors(path: &Path) -> Vec<(String, troupe_pt::Tensor)> {

@@ -7,49 +7,37 @@ use std::process::Output;
 
 mod common;
 
-use common::{adapter, root, troupe};
+use common::{adapter, ok, root, stderr_of, troupe};
 
 const PROTOCOL: &str = "configs/eval/tiny.toml";
 /// Images the tiny protocol names: 2 subjects × 4 prompts × 2, plus one pair × 2.
 const IMAGES: usize = 18;
 
+/// `troupe eval SUB --protocol PROTOCOL --FLAG INPUT --out OUT EXTRA…`.
+fn eval(sub: &str, flag: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![
+        "eval",
+        sub,
+        "--protocol",
+        PROTOCOL,
+        flag,
+        input,
+        "--out",
+        out,
+    ];
+    args.extend(extra);
+    troupe(&args)
+}
+
+/// `troupe eval run` with `adapter`.
 fn run(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "eval",
-        "run",
-        "--protocol",
-        PROTOCOL,
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    troupe(&args)
+    eval("run", "--adapter", adapter, out, extra)
 }
 
+/// `troupe eval score` of the folder `images`.
 fn score(images: &Path, out: &Path, extra: &[&str]) -> Output {
-    let mut args = vec![
-        "eval",
-        "score",
-        "--protocol",
-        PROTOCOL,
-        "--images",
-        images.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    troupe(&args)
-}
-
-fn ok(o: &Output) {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-fn stderr_of(o: &Output) -> String {
-    assert!(!o.status.success(), "expected a failure");
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    eval("score", "--images", images, out, extra)
 }
 
 fn json(path: &Path) -> serde_json::Value {

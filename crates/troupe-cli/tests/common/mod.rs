@@ -19,6 +19,21 @@ pub fn troupe(args: &[&str]) -> Output {
         .expect("run troupe")
 }
 
+/// Asserts that a command succeeded (its stderr on failure).
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a command failed; its stderr.
+pub fn stderr_of(out: &Output) -> String {
+    assert!(!out.status.success(), "expected a failure");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A fresh adapter (tiny sizes) for the UNet config `unet`, written to `out`.
 pub fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
     let args = [
