@@ -40,6 +40,24 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionM
 B, C, N_CHARS, RANK = 2, 3, 2, 8  # batch, character slots, characters per image, LoRA rank
 
 
+def storymaker_loss(pred, noise, masks, attn_layers, n_chars, tokens_per_slot=20):
+    """Region-weighted noise MSE (weight 5) + 0.1 × the attention-map loss over `attn_layers`
+    (LoRAIPAttnProcessor modules holding `attn_probs` (B, N_ip, hw) of square layers)."""
+    b = pred.shape[0]
+    region = masks[:, :n_chars].sum(1, keepdim=True).clamp(0, 1)
+    e = (pred.float() - noise.float()) ** 2
+    loss = (e + 5 * e * region).mean()
+    attn = 0
+    for m in attn_layers:
+        pr = m.attn_probs  # (B, N_ip, hw)
+        side = int(pr.shape[-1] ** 0.5)
+        a = F.interpolate(pr.reshape(b, -1, side, side), size=(2 * side, 2 * side), mode="bilinear")
+        slots = a.reshape(b, 1 + n_chars, tokens_per_slot, 2 * side, 2 * side).sum(2)
+        mm = F.interpolate(masks[:, :n_chars], size=(2 * side, 2 * side), mode="bilinear")
+        attn = attn + ((slots[:, 1:] - mm) ** 2).mean()
+    return loss + 0.1 * attn / max(len(attn_layers), 1)
+
+
 def torch_step_time(base, res, steps, warmup):
     dev = "cpu"
     unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
@@ -100,18 +118,7 @@ def torch_step_time(base, res, steps, warmup):
         noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
         time_ids = torch.tensor([[res, res, 0, 0, res, res]] * B, dtype=torch.float32)
         pred = unet(noisy, t, ehs, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        region = masks[:, :N_CHARS].sum(1, keepdim=True).clamp(0, 1)
-        e = (pred - noise) ** 2
-        loss = (e + 5 * e * region).mean()
-        attn = 0
-        for m in attn_layers:
-            pr = m.attn_probs  # (B, N_ip, hw)
-            side = int(pr.shape[-1] ** 0.5)
-            a = F.interpolate(pr.reshape(B, -1, side, side), size=(2 * side, 2 * side), mode="bilinear")
-            slots = a.reshape(B, 1 + N_CHARS, 20, 2 * side, 2 * side).sum(2)
-            mm = F.interpolate(masks[:, :N_CHARS], size=(2 * side, 2 * side), mode="bilinear")
-            attn = attn + ((slots[:, 1:] - mm) ** 2).mean()
-        loss = loss + 0.1 * attn / max(len(attn_layers), 1)
+        loss = storymaker_loss(pred, noise, masks, attn_layers, N_CHARS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

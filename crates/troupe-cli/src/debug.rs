@@ -23,6 +23,11 @@ pub enum DebugCommand {
     /// Time UNet forward passes of a config with random weights (no weight files needed);
     /// `scripts/bench_unet.py` runs diffusers on the same config and prints the ratio.
     BenchUnet(BenchUnetArgs),
+    /// Time one adapter training step (PPR, UNet forward with the adapter and attention maps,
+    /// both losses, backward, AdamW) on random weights of any UNet config: ms/step, samples/s,
+    /// device memory, TFLOP/s and MFU. `scripts/bench_train_gpu.py` times the same step in
+    /// PyTorch.
+    BenchTrain(BenchTrainArgs),
     /// Run one forward pass of a component on named tensors and write the named outputs, to
     /// compare weights with diffusers/transformers. Tensor names per component: see
     /// `crates/troupe-models/src/component.rs` (e.g. `unet`: sample, timestep,
@@ -86,6 +91,50 @@ pub struct BenchUnetArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+pub struct BenchTrainArgs {
+    /// A diffusers `unet/config.json` (random weights; the real SDXL config times the real step).
+    #[arg(long)]
+    unet_config: PathBuf,
+    /// `cpu`, `cuda[:N]` or `vulkan[:N]`.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Samples per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Latent height (128 for 1024² images).
+    #[arg(long, default_value_t = 32)]
+    height: usize,
+    /// Latent width.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+    /// Characters per image.
+    #[arg(long, default_value_t = 1)]
+    characters: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 128)]
+    lora_rank: usize,
+    /// Width of the CLIP image features (1280: ViT-H/14).
+    #[arg(long, default_value_t = 1280)]
+    clip_dim: usize,
+    /// PPR resampler head width (64; at most the UNet's cross-attention width).
+    #[arg(long, default_value_t = 64)]
+    ppr_dim_head: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// The device's peak TFLOP/s at the computed precision, for MFU (e.g. 989 for an H100/H200
+    /// in dense bf16, 67 in f32).
+    #[arg(long)]
+    peak_tflops: Option<f64>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
 pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
     match cmd {
         DebugCommand::Tokenize { model, prompts } => {
@@ -100,6 +149,7 @@ pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         DebugCommand::BenchUnet(args) => bench_unet(args),
+        DebugCommand::BenchTrain(args) => bench_train(args),
         DebugCommand::Forward {
             component,
             model,
@@ -223,6 +273,61 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
             args.height,
             args.width,
             times.len()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
+    use troupe_models::unet::UNet2DConditionConfig;
+    use troupe_train::bench::{BenchTrainSettings, bench_train};
+
+    let device = troupe_train::device::parse_device_for(&args.device, "--device")
+        .map_err(anyhow::Error::msg)?;
+    let config = UNet2DConditionConfig::from_file(&args.unet_config)?;
+    let settings = BenchTrainSettings {
+        batch: args.batch,
+        height: args.height,
+        width: args.width,
+        text_tokens: 77,
+        characters: args.characters,
+        lora_rank: args.lora_rank,
+        ppr_dim_head: args.ppr_dim_head,
+        clip_dim: args.clip_dim,
+        clip_tokens: 257,
+        steps: args.steps.max(1),
+        warmup: args.warmup,
+    };
+    let r = bench_train(&config, &settings, &device)?;
+    let mfu = args.peak_tflops.map(|p| r.tflops / p);
+    let rss = peak_rss_mb();
+    if args.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["mfu"] = mfu.into();
+        v["peak_rss_mb"] = rss.into();
+        v["device"] = args.device.clone().into();
+        v["batch"] = args.batch.into();
+        v["latent"] = serde_json::json!([args.height, args.width]);
+        println!("{v}");
+    } else {
+        let memory = r
+            .device_memory_reserved
+            .map_or(format!("peak RSS {rss:.0} MB"), |b| {
+                format!(
+                    "device memory reserved {:.2} GiB",
+                    b as f64 / (1u64 << 30) as f64
+                )
+            });
+        let mfu = mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
+        println!(
+            "train step, batch {}, latent {}x{} ({} image tokens): {:.1} ms/step, {:.3} samples/s, {:.2} TFLOP/s{mfu}; {memory}",
+            args.batch,
+            args.height,
+            args.width,
+            r.image_tokens,
+            1000.0 * r.median_s,
+            r.samples_per_s,
+            r.tflops
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@
 //! * [`vae`]: diffusers `AutoencoderKL` (encoder to a latent Gaussian, decoder) from its config.
 //! * [`clip`]: transformers' CLIP text encoders (+ SDXL prompt encoding) and vision encoder.
 //! * [`component`]: detect, inspect and run any component on named tensors (CLI tools).
+//! * [`flops`]: FLOPs of a UNet forward pass from its config (for MFU).
 //! * [`weights`]: loading PyTorch safetensors state dicts (single, sharded, f32/f16/bf16) into
 //!   those modules; [`error`]: config and weight errors.
 
@@ -21,6 +22,7 @@ pub mod attention;
 pub mod clip;
 pub mod component;
 pub mod error;
+pub mod flops;
 pub mod ppr;
 pub mod resampler;
 pub mod resnet;

@@ -16,6 +16,7 @@
 //!
 //! The adapter module and its files live in `troupe-models` (`adapter`, `adapter_file`).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

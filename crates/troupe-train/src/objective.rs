@@ -11,7 +11,7 @@ use troupe_diffusion::conditioning::{Encoders, host};
 use troupe_diffusion::schedule::Prediction;
 use troupe_models::adapter::Adapter;
 use troupe_models::attention::{AdapterScales, AttnContext};
-use troupe_models::unet::UNetInput;
+use troupe_models::unet::{UNetInput, UNetOutput};
 
 use crate::losses::{attention_loss, character_region, noise_loss};
 
@@ -165,7 +165,7 @@ pub struct Losses {
 }
 
 /// Processor indices whose image-attention maps the attention loss reads.
-fn recorded_layers(adapter: &Adapter, obj: &ObjectiveConfig) -> Vec<usize> {
+pub(crate) fn recorded_layers(adapter: &Adapter, obj: &ObjectiveConfig) -> Vec<usize> {
     if obj.attn_loss_weight <= 0.0 {
         return Vec::new();
     }
@@ -252,29 +252,58 @@ pub fn forward(
             .collect(),
         None => vec![1.0; b],
     };
+    let targets = LossTargets {
+        target,
+        masks,
+        keep: host(keep, [b], device),
+        sample_weights: host(weights, [b], device),
+        characters: &batch.num_characters,
+        tokens_per_slot: adapter.spec.ppr.tokens_per_slot(),
+    };
+    Ok(losses(out, targets, obj))
+}
+
+/// What the UNet's output is scored against.
+pub(crate) struct LossTargets<'a> {
+    /// Noise (or v) target `[B, C, h, w]`.
+    pub target: Tensor<4>,
+    /// Character masks at latent size `[B, max characters, h, w]`.
+    pub masks: Tensor<4>,
+    /// 1 where the image conditioning was kept, 0 where dropped `[B]`.
+    pub keep: Tensor<1>,
+    /// Min-SNR weights or ones `[B]`.
+    pub sample_weights: Tensor<1>,
+    /// Characters per image.
+    pub characters: &'a [usize],
+    /// PPR tokens per slot.
+    pub tokens_per_slot: usize,
+}
+
+/// The region-weighted noise loss and the attention-map loss of one UNet output.
+pub(crate) fn losses(out: UNetOutput, t: LossTargets, obj: &ObjectiveConfig) -> Losses {
+    let [_, _, lh, lw] = t.target.dims();
     let noise_term = noise_loss(
         out.sample,
-        target,
-        character_region(masks.clone()),
-        host(keep, [b], device),
-        host(weights, [b], device),
+        t.target,
+        character_region(t.masks.clone()),
+        t.keep,
+        t.sample_weights,
         obj.mask_loss_weight,
     );
     let attention = if out.attn_probs.is_empty() {
-        Tensor::zeros([1], device)
+        Tensor::zeros([1], &t.masks.device())
     } else {
         let mut size = [lh, lw];
         for _ in 0..obj.attn_latent_downscale.trailing_zeros() {
             size = [size[0].div_ceil(2), size[1].div_ceil(2)];
         }
-        let per_slot = adapter.spec.ppr.tokens_per_slot();
         let layers: Vec<Tensor<3>> = out.attn_probs.into_iter().map(|p| p.probs).collect();
-        attention_loss(&layers, size, masks, &batch.num_characters, per_slot)
+        attention_loss(&layers, size, t.masks, t.characters, t.tokens_per_slot)
     };
     let total = noise_term.clone() + attention.clone().mul_scalar(obj.attn_loss_weight);
-    Ok(Losses {
+    Losses {
         total,
         noise: noise_term,
         attention,
-    })
+    }
 }

@@ -1,0 +1,3 @@
+//! Shared items `cubecl-cuda` names.
+
+pub mod lowered_features;

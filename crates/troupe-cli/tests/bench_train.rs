@@ -1,0 +1,74 @@
+//! `troupe debug bench-train`: one real adapter training step on a random-weight UNet, timed,
+//! with the step's FLOPs from the UNet config (the count its own test checks against PyTorch).
+
+mod common;
+
+use common::{ok, root, troupe};
+use troupe_models::flops::FlopShape;
+use troupe_models::unet::UNet2DConditionConfig;
+
+#[test]
+fn bench_train_times_a_finite_step_and_counts_its_flops() {
+    let config = "configs/tiny-sdxl/unet/config.json";
+    let out = troupe(&[
+        "debug",
+        "bench-train",
+        "--unet-config",
+        config,
+        "--batch",
+        "2",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--lora-rank",
+        "4",
+        "--ppr-dim-head",
+        "8",
+        "--clip-dim",
+        "24",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--peak-tflops",
+        "1",
+        "--json",
+    ]);
+    ok(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let losses: Vec<f64> = r["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3);
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
+    // One character: background + character slots of 20 PPR tokens each.
+    assert_eq!(r["image_tokens"], 40);
+    let forward = UNet2DConditionConfig::from_file(&root().join(config))
+        .unwrap()
+        .forward_flops(FlopShape {
+            batch: 2,
+            height: 8,
+            width: 8,
+            text_tokens: 77,
+            image_tokens: 40,
+            lora_rank: 4,
+        })
+        .unwrap();
+    assert_eq!(r["step_flops"].as_f64().unwrap(), 2.0 * forward);
+    let median = r["median_s"].as_f64().unwrap();
+    assert!(median > 0.0 && r["step_s"].as_array().unwrap().len() == 2);
+    let tflops = r["tflops"].as_f64().unwrap();
+    assert!((tflops - 2.0 * forward / median / 1e12).abs() <= 1e-9 * tflops.abs().max(1.0));
+    assert!((r["samples_per_s"].as_f64().unwrap() - 2.0 / median).abs() < 1e-9 * (2.0 / median));
+    assert_eq!(r["mfu"].as_f64().unwrap(), tflops);
+    // The CPU backend reports no allocator pools: the process's peak RSS instead.
+    assert!(r["device_memory_reserved"].is_null() && r["peak_rss_mb"].as_f64().unwrap() > 0.0);
+    assert!(r["trainable_tensors"].as_u64().unwrap() > 0);
+}
