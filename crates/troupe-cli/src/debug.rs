@@ -57,6 +57,20 @@ pub enum DebugCommand {
     },
 }
 
+/// The batch and latent size of a benchmark.
+#[derive(clap::Args)]
+pub struct LatentBatch {
+    /// Samples per batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Latent height (128 for 1024² images).
+    #[arg(long, default_value_t = 32)]
+    height: usize,
+    /// Latent width.
+    #[arg(long, default_value_t = 32)]
+    width: usize,
+}
+
 #[derive(clap::Args)]
 pub struct BenchUnetArgs {
     /// A diffusers `unet/config.json` (random weights).
@@ -68,15 +82,8 @@ pub struct BenchUnetArgs {
     /// With `--model`: keep the stored precision (f16 stays f16) instead of converting to f32.
     #[arg(long)]
     keep_dtype: bool,
-    /// Batch size.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Latent height.
-    #[arg(long, default_value_t = 32)]
-    height: usize,
-    /// Latent width.
-    #[arg(long, default_value_t = 32)]
-    width: usize,
+    #[command(flatten)]
+    shape: LatentBatch,
     /// Text tokens in `encoder_hidden_states`.
     #[arg(long, default_value_t = 77)]
     seq: usize,
@@ -99,15 +106,8 @@ pub struct BenchTrainArgs {
     /// `cpu`, `cuda[:N]` or `vulkan[:N]`.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Samples per step.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
-    /// Latent height (128 for 1024² images).
-    #[arg(long, default_value_t = 32)]
-    height: usize,
-    /// Latent width.
-    #[arg(long, default_value_t = 32)]
-    width: usize,
+    #[command(flatten)]
+    shape: LatentBatch,
     /// Characters per image.
     #[arg(long, default_value_t = 1)]
     characters: usize,
@@ -217,12 +217,12 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
         }
         None => UNet2DConditionModel::new(&config, &device)?,
     };
-    let b = args.batch;
+    let b = args.shape.batch;
     let cross = config.down_blocks(&config_path.display().to_string())?[0].cross_attention_dim;
     let normal = Distribution::Normal(0.0, 1.0);
     let input = || UNetInput {
         sample: Tensor::random(
-            [b, config.in_channels, args.height, args.width],
+            [b, config.in_channels, args.shape.height, args.shape.width],
             normal,
             &device,
         ),
@@ -270,8 +270,8 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
     } else {
         println!(
             "UNet forward, batch {b}, latent {}x{}: median {median:.4} s over {} runs ({threads} threads)",
-            args.height,
-            args.width,
+            args.shape.height,
+            args.shape.width,
             times.len()
         );
     }
@@ -286,9 +286,9 @@ fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     let config = UNet2DConditionConfig::from_file(&args.unet_config)?;
     let settings = BenchTrainSettings {
-        batch: args.batch,
-        height: args.height,
-        width: args.width,
+        batch: args.shape.batch,
+        height: args.shape.height,
+        width: args.shape.width,
         text_tokens: 77,
         characters: args.characters,
         lora_rank: args.lora_rank,
@@ -306,8 +306,8 @@ fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
         v["mfu"] = mfu.into();
         v["peak_rss_mb"] = rss.into();
         v["device"] = args.device.clone().into();
-        v["batch"] = args.batch.into();
-        v["latent"] = serde_json::json!([args.height, args.width]);
+        v["batch"] = args.shape.batch.into();
+        v["latent"] = serde_json::json!([args.shape.height, args.shape.width]);
         println!("{v}");
     } else {
         let memory = r
@@ -321,9 +321,9 @@ fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
         let mfu = mfu.map_or(String::new(), |m| format!(", MFU {:.1}%", 100.0 * m));
         println!(
             "train step, batch {}, latent {}x{} ({} image tokens): {:.1} ms/step, {:.3} samples/s, {:.2} TFLOP/s{mfu}; {memory}",
-            args.batch,
-            args.height,
-            args.width,
+            args.shape.batch,
+            args.shape.height,
+            args.shape.width,
             r.image_tokens,
             1000.0 * r.median_s,
             r.samples_per_s,
