@@ -172,8 +172,22 @@ pub fn run(args: PlotArgs) -> Result<ExitCode> {
             .filter_map(|(s, v)| Some((*s as f64, v[key].as_f64()?)))
             .collect()
     };
-    let mut img = RgbImage::from_pixel(W, H, BG);
+    // A third row when the samples are scored (`[samples.scoring]`): identity and prompt
+    // fidelity over training, next to the losses.
+    let (face, clip_t) = (series("eval/face_sim"), series("eval/clip_t"));
+    let rows = if face.is_empty() && clip_t.is_empty() {
+        2
+    } else {
+        3
+    };
+    let mut img = RgbImage::from_pixel(W, H / 2 * rows, BG);
     let (pw, ph) = (W as i64 / 2, H as i64 / 2);
+    if rows == 3 {
+        let title = "sample face similarity (eval/face_sim, x100)";
+        panel(&mut img, (0, 2 * ph), (pw, ph), title, &face);
+        let title = "sample CLIP-T (eval/clip_t, x100)";
+        panel(&mut img, (pw, 2 * ph), (pw, ph), title, &clip_t);
+    }
     panel(&mut img, (0, 0), (pw, ph), "total loss", &series("loss"));
     panel(
         &mut img,

@@ -316,6 +316,15 @@ fn samples_and_validation_during_training() {
     let has = |tag: &[u8]| bytes.windows(tag.len()).any(|w| w == tag);
     assert!(has(b"val/loss") && has(b"samples") && has(b"\x89PNG"));
     assert!(has(b"eval/face_sim") && has(b"eval/clip_t") && has(b"eval/clip_i"));
+    // The plot gains a row for the sample scores.
+    let out = troupe(&["plot", run.to_str().unwrap()], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = image::open(run.join("losses.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1200, 1350));
 }
 
 #[test]
