@@ -21,16 +21,10 @@ pub enum DataCommand {
         manifest: PathBuf,
         #[command(flatten)]
         out: OutArgs,
-        /// SCRFD detector ONNX file: computes the identity of characters whose manifest entry
-        /// has no `embedding`/`keypoints` (the largest face on the character's mask).
-        #[arg(long, requires = "face_recognizer")]
-        face_detector: Option<PathBuf>,
-        /// ArcFace recogniser ONNX file (with `--face-detector`).
-        #[arg(long, requires = "face_detector")]
-        face_recognizer: Option<PathBuf>,
-        /// Detector input side.
-        #[arg(long, default_value_t = 640)]
-        det_size: usize,
+        /// Face models: compute the identity of characters whose manifest entry has no
+        /// `embedding`/`keypoints` (the largest face on the character's mask).
+        #[command(flatten)]
+        faces: crate::eval::OptionalFaceModels,
     },
     /// Import a dataset in StoryMaker's reference layout (JSON index keyed by person count).
     ImportStorymaker {
@@ -212,19 +206,9 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
         DataCommand::Pack {
             manifest,
             out,
-            face_detector,
-            face_recognizer,
-            det_size,
+            faces,
         } => {
-            let faces = match (&face_detector, &face_recognizer) {
-                (Some(d), Some(r)) => Some(troupe_faces::FaceAnalysis::load(
-                    d,
-                    r,
-                    det_size,
-                    troupe_data::ops::geometry::WarpImpl::OpenCv4,
-                )?),
-                _ => None,
-            };
+            let faces = faces.load(troupe_data::ops::geometry::WarpImpl::OpenCv4)?;
             let identity = faces
                 .as_ref()
                 .map(|f| f as &dyn troupe_data::pack::IdentityProvider);

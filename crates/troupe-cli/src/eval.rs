@@ -194,6 +194,31 @@ fn scorer(
     Ok((scorer, described))
 }
 
+/// Optional face models (`--face-detector`, `--face-recognizer`, `--det-size`): identities and
+/// keypoints from the largest face, for `data pack` and `photo=` references.
+#[derive(clap::Args)]
+pub struct OptionalFaceModels {
+    /// SCRFD face detector ONNX file (insightface `det_10g.onnx`).
+    #[arg(long, requires = "face_recognizer")]
+    face_detector: Option<PathBuf>,
+    /// ArcFace recogniser ONNX file (insightface `w600k_r50.onnx`), with `--face-detector`.
+    #[arg(long, requires = "face_detector")]
+    face_recognizer: Option<PathBuf>,
+    /// Detector input side (the reference pipeline uses 640).
+    #[arg(long, default_value_t = 640)]
+    det_size: usize,
+}
+
+impl OptionalFaceModels {
+    /// The models, aligning with `warp`'s `warpAffine` arithmetic; `None` when not given.
+    pub fn load(&self, warp: WarpImpl) -> Result<Option<FaceAnalysis>> {
+        let (Some(det), Some(rec)) = (&self.face_detector, &self.face_recognizer) else {
+            return Ok(None);
+        };
+        Ok(Some(FaceAnalysis::load(det, rec, self.det_size, warp)?))
+    }
+}
+
 /// The face models and their settings.
 #[derive(clap::Args)]
 pub struct FaceModels {

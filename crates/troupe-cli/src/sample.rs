@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use troupe_data::ops::geometry::WarpImpl;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
@@ -78,15 +77,9 @@ pub struct SampleArgs {
     /// (num_images, C, H/8, W/8), as diffusers' `latents=` (before `init_noise_sigma`).
     #[arg(long)]
     latents: Option<PathBuf>,
-    /// SCRFD face detector ONNX file, for `photo=` references (insightface `det_10g.onnx`).
-    #[arg(long, requires = "face_recognizer")]
-    face_detector: Option<PathBuf>,
-    /// ArcFace recogniser ONNX file, for `photo=` references (insightface `w600k_r50.onnx`).
-    #[arg(long, requires = "face_detector")]
-    face_recognizer: Option<PathBuf>,
-    /// Detector input side for `photo=` references (the reference pipeline uses 640).
-    #[arg(long, default_value_t = 640)]
-    det_size: usize,
+    /// Face models for `photo=` references.
+    #[command(flatten)]
+    faces: crate::eval::OptionalFaceModels,
     /// Images per UNet batch: consecutive jobs with the same steps, sampler, guidance, scales
     /// and size are generated together up to this many images (a job is never split).
     #[arg(long, default_value_t = 4)]
@@ -143,18 +136,10 @@ fn reference(arg: &str, base: &Path, faces: Option<&FaceAnalysis>) -> Result<Ref
     Ok(troupe_eval::references::resolve(arg, base, faces)?)
 }
 
-/// The face models of `photo=` references, when given (aligning with the pipeline's
-/// `warpAffine` arithmetic).
-fn face_analysis(args: &SampleArgs, warp: WarpImpl) -> Result<Option<FaceAnalysis>> {
-    let (Some(det), Some(rec)) = (&args.face_detector, &args.face_recognizer) else {
-        return Ok(None);
-    };
-    Ok(Some(FaceAnalysis::load(det, rec, args.det_size, warp)?))
-}
-
 /// Reads and checks every job (references decoded and validated) before any denoising.
 fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
-    let faces = face_analysis(args, pipeline.crop_ops.warp)?;
+    // Aligned with the pipeline's `warpAffine` arithmetic.
+    let faces = args.faces.load(pipeline.crop_ops.warp)?;
     let size = pipeline.default_size;
     let cwd = Path::new(".");
     let Some(path) = &args.jobs else {

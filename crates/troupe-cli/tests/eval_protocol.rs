@@ -14,13 +14,13 @@ const PROTOCOL: &str = "configs/eval/tiny.toml";
 const IMAGES: usize = 18;
 
 /// `troupe eval SUB --protocol PROTOCOL --FLAG INPUT --out OUT EXTRA…`.
-fn eval(sub: &str, flag: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
+fn eval(sub: &str, protocol: &str, flag: &str, input: &Path, out: &Path, extra: &[&str]) -> Output {
     let (input, out) = (input.to_str().unwrap(), out.to_str().unwrap());
     let mut args = vec![
         "eval",
         sub,
         "--protocol",
-        PROTOCOL,
+        protocol,
         flag,
         input,
         "--out",
@@ -32,12 +32,12 @@ fn eval(sub: &str, flag: &str, input: &Path, out: &Path, extra: &[&str]) -> Outp
 
 /// `troupe eval run` with `adapter`.
 fn run(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
-    eval("run", "--adapter", adapter, out, extra)
+    eval("run", PROTOCOL, "--adapter", adapter, out, extra)
 }
 
 /// `troupe eval score` of the folder `images`.
 fn score(images: &Path, out: &Path, extra: &[&str]) -> Output {
-    eval("score", "--images", images, out, extra)
+    eval("score", PROTOCOL, "--images", images, out, extra)
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -286,31 +286,27 @@ fn bad_inputs_are_named() {
         ),
     )
     .unwrap();
-    let o = troupe(&[
-        "eval",
+    let o = eval(
         "score",
-        "--protocol",
         bad.to_str().unwrap(),
         "--images",
-        images.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &images,
+        &out,
+        &[],
+    );
     let e = stderr_of(&o);
     assert!(
         e.contains("bad.toml") && e.contains("unknown field `image_per_prompt`"),
         "{e}"
     );
-    let o = troupe(&[
-        "eval",
+    let o = eval(
         "score",
-        "--protocol",
         "configs/eval/fastcomposer.toml",
         "--images",
-        images.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &images,
+        &out,
+        &[],
+    );
     let e = stderr_of(&o);
     assert!(
         e.contains("fastcomposer.toml") && e.contains("no subjects"),
@@ -335,20 +331,20 @@ fn the_fastcomposer_protocol_has_40_prompts_in_4_categories() {
     // With an empty images folder the error counts what the protocol names: 40 × 4 images.
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    let o = troupe(&[
-        "eval",
-        "score",
-        "--protocol",
-        "configs/eval/fastcomposer.toml",
+    let extra = [
         "--subjects",
         subjects.to_str().unwrap(),
-        "--images",
-        images.to_str().unwrap(),
-        "--out",
-        tmp.path().join("out").to_str().unwrap(),
         "--clip",
         "configs/tiny-scorers/clip",
-    ]);
+    ];
+    let o = eval(
+        "score",
+        "configs/eval/fastcomposer.toml",
+        "--images",
+        &images,
+        &tmp.path().join("out"),
+        &extra,
+    );
     let e = stderr_of(&o);
     assert!(
         e.contains("160 of the protocol's 160 images are missing"),
