@@ -202,8 +202,14 @@ fn scoring_the_references_themselves_gives_100() {
         let subject = case.split('+').next().unwrap();
         let src = run_dir.join("references").join(format!("{subject}.png"));
         std::fs::create_dir_all(images.join(case)).unwrap();
-        // As JPEG-named files too: the layout's stem with another extension is found.
-        std::fs::copy(&src, images.join(&f)).unwrap();
+        // One subject's images under `.jpg` names: the layout's stem with another image
+        // extension is found (files are decoded by content).
+        let name = if subject == "old-woman" {
+            f.with_extension("jpg")
+        } else {
+            f.clone()
+        };
+        std::fs::copy(&src, images.join(name)).unwrap();
     }
     let out = tmp.path().join("scored");
     ok(&score(&images, &out, &[]));
@@ -221,6 +227,12 @@ fn scoring_the_references_themselves_gives_100() {
             "{l}"
         );
     }
+    let scored = lines(&out.join("scores.jsonl"));
+    assert!(
+        scored
+            .iter()
+            .any(|l| l["file"] == "old-woman/p000-s0-i00.jpg")
+    );
     let summary = json(&out.join("summary.json"));
     let man = &summary["per_subject"]["man-in-blue"];
     assert_eq!(man["face_detection_rate"], 1.0);

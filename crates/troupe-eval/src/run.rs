@@ -92,33 +92,25 @@ pub fn generate(
     batch: usize,
 ) -> Result<usize, EvalError> {
     let items = protocol.items();
-    // One call per (case, prompt, seed): the items with instance 0 start one.
-    let calls: Vec<&Item> = items.iter().filter(|i| i.instance == 0).collect();
+    // One call per (case, prompt, seed): its `images_per_prompt` items are consecutive.
+    let calls: Vec<&[Item]> = items.chunks(protocol.images_per_prompt).collect();
     let mut prepared = Vec::new();
     let mut features = BTreeMap::new();
     for call in &calls {
-        let s = settings(protocol, call, pipeline.default_size)?;
+        let s = settings(protocol, &call[0], pipeline.default_size)?;
         pipeline.check(&s)?;
-        if !features.contains_key(&call.subjects) {
-            let refs: Vec<Reference> = call
+        if !features.contains_key(&call[0].subjects) {
+            let refs: Vec<Reference> = call[0]
                 .subjects
                 .iter()
                 .map(|&i| references[i].clone())
                 .collect();
-            features.insert(call.subjects.clone(), pipeline.characters(&refs)?);
+            features.insert(call[0].subjects.clone(), pipeline.characters(&refs)?);
         }
         prepared.push(s);
     }
-    let files = |call: &Item| -> Vec<PathBuf> {
-        (0..protocol.images_per_prompt)
-            .map(|k| {
-                images_dir.join(&call.case).join(format!(
-                    "p{:03}-s{}-i{k:02}.png",
-                    call.prompt_index, call.seed
-                ))
-            })
-            .collect()
-    };
+    let files =
+        |call: &[Item]| -> Vec<PathBuf> { call.iter().map(|i| images_dir.join(&i.file)).collect() };
     let todo: Vec<usize> = (0..calls.len())
         .filter(|&c| files(calls[c]).iter().any(|f| !f.exists()))
         .collect();
@@ -127,7 +119,7 @@ pub fn generate(
         eprintln!(
             "{} of {} images already in {}; generating the other {total}",
             (calls.len() - todo.len()) * protocol.images_per_prompt,
-            calls.len() * protocol.images_per_prompt,
+            items.len(),
             images_dir.display()
         );
     }
@@ -138,7 +130,7 @@ pub fn generate(
             .iter()
             .map(|&c| Request {
                 settings: &prepared[c],
-                characters: &features[&calls[c].subjects],
+                characters: &features[&calls[c][0].subjects],
                 latents: None,
             })
             .collect();

@@ -80,12 +80,17 @@ impl Scoring {
         Ok(Some(Self { scorer, subjects }))
     }
 
-    /// Means over the images (`(set index, prompt, image)`): face similarity and CLIP-I per
-    /// (image, subject), no face counted as 0; CLIP-T per image.
-    fn score(&self, images: &[(usize, &str, RgbImage)]) -> Result<Vec<(&'static str, f64)>> {
-        let targets: Vec<Target> = images
+    /// Means over `images` (each with its `(reference set, prompt)`): face similarity and
+    /// CLIP-I per (image, subject), no face counted as 0; CLIP-T per image.
+    fn score(
+        &self,
+        what: &[(usize, &str)],
+        images: &[RgbImage],
+    ) -> Result<Vec<(&'static str, f64)>> {
+        let targets: Vec<Target> = what
             .iter()
-            .map(|(set, prompt, image)| Target {
+            .zip(images)
+            .map(|((set, prompt), image)| Target {
                 image,
                 source: Path::new("sample"),
                 prompt,
@@ -178,7 +183,7 @@ impl Samples {
     ) -> Result<()> {
         let dir = run_dir.join("samples").join(format!("step-{step:08}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut images = Vec::new();
+        let (mut images, mut scored) = (Vec::new(), Vec::new());
         for (p, prompt) in self.config.prompts.iter().enumerate() {
             for (r, set) in self.sets.iter().enumerate() {
                 // All seeds of one prompt and reference set in one UNet batch.
@@ -202,17 +207,19 @@ impl Samples {
                     let file = dir.join(format!("p{p}-r{r}-s{}.png", s.seed));
                     write_atomic(&file, &png(&img))
                         .with_context(|| format!("writing {}", file.display()))?;
-                    images.push((r, prompt.as_str(), img));
+                    scored.push((r, prompt.as_str()));
+                    images.push(img);
                 }
             }
         }
-        let pictures: Vec<_> = images.iter().map(|(_, _, img)| img.clone()).collect();
-        let grid = contact_sheet(&pictures, self.config.seeds.len());
+        let grid = contact_sheet(&images, self.config.seeds.len());
         let bytes = png(&grid);
         write_atomic(&dir.join("grid.png"), &bytes)?;
         records.image(step, "samples", &bytes, grid.width(), grid.height())?;
         if let Some(scoring) = &self.scoring {
-            let scores = scoring.score(&images).context("scoring the samples")?;
+            let scores = scoring
+                .score(&scored, &images)
+                .context("scoring the samples")?;
             records.scalars(step, &scores)?;
         }
         Ok(())
