@@ -6,7 +6,7 @@ use troupe_pt::{DType, Value};
 
 mod common;
 
-use common::{ok, troupe};
+use common::{adapter_seeded, ok, troupe};
 
 fn unet_config() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -101,24 +101,7 @@ fn export_bin_and_f16_agree_with_the_source() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("a.safetensors");
     let cfg = unet_config();
-    ok(&troupe(&[
-        "adapter",
-        "init",
-        "--unet-config",
-        cfg.to_str().unwrap(),
-        "--rank",
-        "4",
-        "--clip-dim",
-        "24",
-        "--ppr-dim-head",
-        "8",
-        "--ppr-depth",
-        "1",
-        "--seed",
-        "3",
-        "--out",
-        src.to_str().unwrap(),
-    ]));
+    adapter_seeded(&cfg, &src, 3);
     let bin = tmp.path().join("mask.bin");
     ok(&troupe(&[
         "export",

@@ -36,6 +36,12 @@ pub fn stderr_of(out: &Output) -> String {
 
 /// A fresh adapter (tiny sizes) for the UNet config `unet`, written to `out`.
 pub fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
+    adapter_seeded(unet, out, 0)
+}
+
+/// Like [`adapter_for`], initialised from `seed`.
+pub fn adapter_seeded(unet: &Path, out: &Path, seed: u64) -> PathBuf {
+    let seed = seed.to_string();
     let args = [
         "adapter",
         "init",
@@ -49,6 +55,8 @@ pub fn adapter_for(unet: &Path, out: &Path) -> PathBuf {
         "8",
         "--ppr-depth",
         "1",
+        "--seed",
+        &seed,
         "--out",
         out.to_str().unwrap(),
     ];
