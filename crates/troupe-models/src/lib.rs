@@ -8,7 +8,8 @@
 //! * [`ppr`]: StoryMaker's PPR (`faceid_plus`) image-projection model (burn modules).
 //! * [`unet`]: diffusers `UNet2DConditionModel` from its `config.json` (SD 1.x/2.x/SDXL layouts),
 //!   built from [`resnet`], [`transformer`] and [`attention`] blocks; [`attention`] also holds
-//!   StoryMaker's LoRA + decoupled image cross-attention processors.
+//!   StoryMaker's LoRA + decoupled image cross-attention processors; [`efficient_attention`]
+//!   is the attention op whose backward recomputes the probabilities instead of storing them.
 //! * [`vae`]: diffusers `AutoencoderKL` (encoder to a latent Gaussian, decoder) from its config.
 //! * [`clip`]: transformers' CLIP text encoders (+ SDXL prompt encoding) and vision encoder.
 //! * [`component`]: detect, inspect and run any component on named tensors (CLI tools).
@@ -21,6 +22,7 @@ pub mod adapter_file;
 pub mod attention;
 pub mod clip;
 pub mod component;
+pub mod efficient_attention;
 pub mod error;
 pub mod flops;
 pub mod ppr;

@@ -1,6 +1,9 @@
 //! Parity of the burn CLIP encoders with transformers on tiny random-weight models.
 //! Fixtures: `scripts/make_clip_fixtures.py`.
 
+mod common;
+use common::max_abs_diff;
+
 use std::path::PathBuf;
 
 use burn::prelude::*;
@@ -13,14 +16,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/clip")
         .join(name)
-}
-
-fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a.cast(burn::tensor::FloatDType::F32) - b)
-        .abs()
-        .max()
-        .into_scalar()
 }
 
 fn check_text(name: &str) {

@@ -1,6 +1,9 @@
 //! Parity of the burn PPR (`faceid_plus`) with a PyTorch reference on tiny sizes.
 //! Fixtures come from `scripts/make_ppr_fixtures.py` (the sizes below must match it).
 
+mod common;
+use common::max_abs_diff;
+
 use std::path::PathBuf;
 
 use burn::prelude::*;
@@ -40,16 +43,6 @@ fn io_tensor<const D: usize>(
     device: &Device,
 ) -> Tensor<D> {
     io.take(key, shape, device).expect(key)
-}
-
-fn max_abs_diff(a: Tensor<3>, b: Tensor<3>) -> f32 {
-    let a = a.into_data().try_to_vec::<f32>().unwrap();
-    let b = b.into_data().try_to_vec::<f32>().unwrap();
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn check(tag: &str, b: usize, drop_face: bool, drop_clip: bool) {

@@ -1,6 +1,9 @@
 //! Parity of the burn AutoencoderKL with diffusers on tiny random-weight models.
 //! Fixtures: `scripts/make_vae_fixtures.py`.
 
+mod common;
+use common::max_abs_diff;
+
 use std::path::PathBuf;
 
 use burn::prelude::*;
@@ -16,20 +19,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/vae")
         .join(name)
-}
-
-fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a
-        .cast(burn::tensor::FloatDType::F32)
-        .into_data()
-        .try_to_vec::<f32>()
-        .unwrap();
-    let b = b.into_data().try_to_vec::<f32>().unwrap();
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Max abs errors of one fixture: (latent mean, logvar, latent sample, decoded sample).
