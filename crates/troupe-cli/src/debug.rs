@@ -130,6 +130,13 @@ pub struct BenchTrainArgs {
     /// in dense bf16, 67 in f32).
     #[arg(long)]
     peak_tflops: Option<f64>,
+    /// The attention op: `efficient` (backward recomputes the probabilities) or `plain`
+    /// (burn's attention, which keeps them): same numbers, different memory.
+    #[arg(long, default_value = "efficient")]
+    attention: troupe_models::attention::AttentionKernel,
+    /// Precision of the frozen UNet: `f32`, `bf16` or `f16` (the adapter stays f32).
+    #[arg(long, default_value = "f32")]
+    dtype: troupe_models::weights::Precision,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -297,6 +304,8 @@ fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
         clip_tokens: 257,
         steps: args.steps.max(1),
         warmup: args.warmup,
+        attention: args.attention,
+        dtype: args.dtype,
     };
     let r = bench_train(&config, &settings, &device)?;
     let mfu = args.peak_tflops.map(|p| r.tflops / p);
@@ -308,6 +317,8 @@ fn bench_train(args: BenchTrainArgs) -> Result<ExitCode> {
         v["device"] = args.device.clone().into();
         v["batch"] = args.shape.batch.into();
         v["latent"] = serde_json::json!([args.shape.height, args.shape.width]);
+        v["attention"] = serde_json::to_value(args.attention)?;
+        v["dtype"] = serde_json::to_value(args.dtype)?;
         println!("{v}");
     } else {
         let memory = r

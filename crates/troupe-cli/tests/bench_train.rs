@@ -72,3 +72,58 @@ fn bench_train_times_a_finite_step_and_counts_its_flops() {
     assert!(r["device_memory_reserved"].is_null() && r["peak_rss_mb"].as_f64().unwrap() > 0.0);
     assert!(r["trainable_tensors"].as_u64().unwrap() > 0);
 }
+
+/// Per-step losses of a few tiny training steps with one attention op.
+fn tiny_losses(attention: &str) -> Vec<f64> {
+    let out = troupe(&[
+        "debug",
+        "bench-train",
+        "--unet-config",
+        "configs/tiny-sdxl/unet/config.json",
+        "--batch",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--lora-rank",
+        "4",
+        "--ppr-dim-head",
+        "8",
+        "--clip-dim",
+        "24",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--attention",
+        attention,
+        "--json",
+    ]);
+    ok(&out);
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["attention"], attention);
+    let losses: Vec<f64> = r["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    losses
+}
+
+#[test]
+fn efficient_attention_trains_like_plain_attention() {
+    // Four steps: later losses see the AdamW updates made from each op's gradients.
+    let (plain, efficient) = (tiny_losses("plain"), tiny_losses("efficient"));
+    assert_eq!(plain.len(), 4);
+    for (i, (p, e)) in plain.iter().zip(&efficient).enumerate() {
+        assert!(
+            (p - e).abs() <= 1e-5 * p.abs().max(1.0),
+            "step {i}: plain {p}, efficient {e}"
+        );
+    }
+    // The steps did train: a loss moved.
+    assert!(plain.windows(2).any(|w| w[0] != w[1]), "{plain:?}");
+}

@@ -357,3 +357,45 @@ fn a_sample_reference_typo_fails_at_start() {
         "{stderr}"
     );
 }
+
+/// The `loss` of each step in a run's metrics.jsonl.
+fn step_losses(run: &Path) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn bf16_frozen_model_trains_close_to_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut losses = Vec::new();
+    for dtype in ["f32", "bf16"] {
+        let run = tmp.path().join(dtype);
+        let out = train_with(
+            &run,
+            &["train.max_steps=4", &format!("model.dtype=\"{dtype}\"")],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        losses.push(step_losses(&run));
+    }
+    let (f32, bf16) = (&losses[0], &losses[1]);
+    assert_eq!((f32.len(), bf16.len()), (4, 4));
+    for (i, (a, b)) in f32.iter().zip(bf16).enumerate() {
+        assert!(
+            b.is_finite() && (a - b).abs() <= 0.02 * a.abs(),
+            "step {i}: f32 {a}, bf16 {b}"
+        );
+    }
+    // The frozen model really computed in bf16: the losses are close, not equal.
+    assert!(
+        f32.iter().zip(bf16).any(|(a, b)| a != b),
+        "{f32:?} vs {bf16:?}"
+    );
+}

@@ -13,12 +13,13 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use burn::tensor::{DType, Int};
+use burn::tensor::{DType, FloatDType, Int};
 use troupe_data::loader::Batch;
 use troupe_models::clip::{ClipConfig, ClipTextModel, ClipVisionModel, encode_sdxl_prompt};
 use troupe_models::ppr::FaceIdPlus;
 use troupe_models::tokenizer::ClipTokenizer;
 use troupe_models::vae::AutoencoderKL;
+use troupe_models::weights::Precision;
 
 use crate::DiffusionError;
 use crate::schedule::{NoiseSchedule, SchedulerConfig};
@@ -101,18 +102,21 @@ pub fn host<const D: usize>(v: Vec<f32>, shape: [usize; D], device: &Device) -> 
 
 impl Encoders {
     /// Loads the frozen components of the SDXL diffusers folder `base` and the CLIP image
-    /// encoder folder `image_encoder`, in f32.
+    /// encoder folder `image_encoder`: the encoders in `precision`, the VAE always in f32 (the
+    /// SDXL VAE overflows in f16, and it runs once per batch without a graph). Their outputs
+    /// come back in f32 whatever the precision.
     pub fn load(
         base: &Path,
         image_encoder: &Path,
+        precision: Precision,
         device: &Device,
     ) -> Result<Self, DiffusionError> {
-        let f32 = Some(DType::F32);
+        let dtype = Some(precision.dtype());
         let sub = |s: &str| base.join(s);
-        let (te1, _) = ClipTextModel::from_dir(&sub("text_encoder"), device, f32)?;
-        let (te2, _) = ClipTextModel::from_dir(&sub("text_encoder_2"), device, f32)?;
-        let (vae, _) = AutoencoderKL::from_dir(&sub("vae"), device, f32)?;
-        let (image, _) = ClipVisionModel::from_dir(image_encoder, device, f32)?;
+        let (te1, _) = ClipTextModel::from_dir(&sub("text_encoder"), device, dtype)?;
+        let (te2, _) = ClipTextModel::from_dir(&sub("text_encoder_2"), device, dtype)?;
+        let (vae, _) = AutoencoderKL::from_dir(&sub("vae"), device, Some(DType::F32))?;
+        let (image, _) = ClipVisionModel::from_dir(image_encoder, device, dtype)?;
         let vision = ClipConfig::from_file(&image_encoder.join("config.json"))?;
         let scheduler_path = sub("scheduler").join("scheduler_config.json");
         let scheduler = SchedulerConfig::from_file(&scheduler_path)?;
@@ -141,12 +145,9 @@ impl Encoders {
     ) -> Result<(Tensor<3>, Tensor<2>), DiffusionError> {
         let ids1 = token_ids(&self.tokenizer, prompts, device)?;
         let ids2 = token_ids(&self.tokenizer_2, prompts, device)?;
-        Ok(encode_sdxl_prompt(
-            &self.text_encoder,
-            &self.text_encoder_2,
-            ids1,
-            ids2,
-        ))
+        let (embeds, pooled) =
+            encode_sdxl_prompt(&self.text_encoder, &self.text_encoder_2, ids1, ids2);
+        Ok((embeds.cast(FloatDType::F32), pooled.cast(FloatDType::F32)))
     }
 
     /// CLIP features of `n` CLIP-normalised crops (`[n, 3, S, S]` flattened).
@@ -155,6 +156,7 @@ impl Encoders {
         self.image_encoder
             .forward(host(pixels, [n, 3, s, s], device))
             .penultimate_hidden_state
+            .cast(FloatDType::F32)
     }
 
     /// Pixels in [-1, 1] → VAE posterior sample (with the caller's `noise`) × scaling factor.

@@ -15,6 +15,7 @@ use troupe_models::adapter::Adapter;
 use troupe_models::adapter_file::AdapterFile;
 use troupe_models::attention::{AdapterScales, AttnContext};
 use troupe_models::unet::{UNet2DConditionModel, UNetInput};
+use troupe_models::weights::Precision;
 
 use crate::DiffusionError;
 use crate::conditioning::{CharacterFeatures, Encoders, host, image_tokens};
@@ -108,7 +109,7 @@ impl Pipeline {
         adapter: &AdapterFile,
         device: &Device,
     ) -> Result<Self, DiffusionError> {
-        let encoders = Encoders::load(base, image_encoder, device)?;
+        let encoders = Encoders::load(base, image_encoder, Precision::F32, device)?;
         let unet_dir = base.join("unet");
         let (unet, _) = UNet2DConditionModel::from_dir(&unet_dir, device, Some(DType::F32))?;
         let spec = adapter.spec()?;

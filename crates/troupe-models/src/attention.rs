@@ -14,6 +14,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::efficient_attention::{default_block_rows, efficient_attention};
 use crate::weights::{StateDict, join};
 
 /// Runtime knobs of the adapter processors, shared by every attention of one forward pass.
@@ -38,6 +39,31 @@ impl Default for AdapterScales {
     }
 }
 
+/// Which attention op the UNet's attentions run. Both give the same outputs and gradients
+/// (to f32 rounding); they differ in what an autodiff device keeps for backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionKernel {
+    /// burn's `attention`: differentiated op by op, so every `(B, H, Nq, Nk)` probability
+    /// tensor stays alive until backward.
+    Plain,
+    /// [`efficient_attention`]: backward recomputes the probabilities block by block.
+    #[default]
+    Efficient,
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "efficient" => Ok(Self::Efficient),
+            _ => Err(format!("`{s}`: expected \"efficient\" or \"plain\"")),
+        }
+    }
+}
+
 /// Per-forward context: adapter scales and which processors return image-attention maps.
 #[derive(Debug, Clone, Default)]
 pub struct AttnContext {
@@ -48,6 +74,8 @@ pub struct AttnContext {
     /// Additive bias on the image-token scores `[B, N_ip]`: 0 for real tokens, a large
     /// negative value for padding (batches whose images have different character counts).
     pub ip_bias: Option<Tensor<2>>,
+    /// The attention op (the image-attention maps of `record`ed layers are always explicit).
+    pub kernel: AttentionKernel,
 }
 
 /// Head-averaged image-attention probabilities of one cross-attention layer.
@@ -299,26 +327,24 @@ impl Attention {
         let q = self.split_heads(q); // [B, H, N, dh]
         let k = self.split_heads(k); // [B, H, M, dh]
         let v = self.split_heads(v); // [B, H, M, dh]
-        let opts = AttentionModuleOptions::default();
-        let mut out = attention(q.clone(), k, v, None, None, opts); // [B, H, N, dh]
+        let mut out = attend(ctx.kernel, q.clone(), k, v, None); // [B, H, N, dh]
         let mut probs = None;
         if let Some((tokens, (to_k_ip, to_v_ip))) = image {
-            let k_ip = self.split_heads(to_k_ip.forward(tokens.clone())); // [B, H, Ni, dh]
-            let v_ip = self.split_heads(to_v_ip.forward(tokens)); // [B, H, Ni, dh]
+            let k_ip = self.split_heads(in_own_dtype(to_k_ip, tokens.clone())); // [B, H, Ni, dh]
+            let v_ip = self.split_heads(in_own_dtype(to_v_ip, tokens)); // [B, H, Ni, dh]
             let [b, h, n, _] = q.dims();
             let ni = k_ip.dims()[2];
-            let bias = ctx.ip_bias.as_ref().map(|bias| {
-                bias.clone()
-                    .cast(q.dtype())
-                    .reshape([b, 1, 1, ni])
-                    .expand([b, h, n, ni])
-            });
             let a_ip = if ctx.record.contains(&self.index) {
                 // Explicit softmax path, as the reference's `ip_loss > 0` branch.
                 let scale = (self.dim_head as f64).powf(-0.5);
                 let mut w = q.matmul(k_ip.swap_dims(2, 3)).mul_scalar(scale); // [B, H, N, Ni]
-                if let Some(bias) = bias {
-                    w = w + bias;
+                if let Some(bias) = &ctx.ip_bias {
+                    let dtype = w.dtype();
+                    w = w + bias
+                        .clone()
+                        .cast(dtype)
+                        .reshape([b, 1, 1, ni])
+                        .expand([b, h, n, ni]);
                 }
                 let dtype = w.dtype();
                 let p = softmax(w.cast(FloatDType::F32), 3); // [B, H, N, Ni]
@@ -330,12 +356,46 @@ impl Attention {
                 });
                 p.cast(dtype).matmul(v_ip) // [B, H, N, dh]
             } else {
-                attention(q, k_ip, v_ip, None, bias, opts)
+                attend(ctx.kernel, q, k_ip, v_ip, ctx.ip_bias.clone())
             };
             out = out + a_ip.mul_scalar(ctx.scales.ip);
         }
         let out = self.merge_heads(out); // [B, N, h]
         let out = self.project(&self.to_out, ad.map(|a| &a.to_out_lora), out, s);
         (out, probs)
+    }
+}
+
+/// `linear(x)` computed in the weights' dtype and returned in `x`'s (an f32 adapter projection
+/// on a half-precision UNet's activations).
+fn in_own_dtype(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let dtype = x.dtype();
+    linear
+        .forward(x.cast(linear.weight.val().dtype()))
+        .cast(dtype)
+}
+
+/// `softmax(q kᵀ/√d + key_bias) v` with the chosen op; `key_bias [B, Nk]`.
+fn attend(
+    kernel: AttentionKernel,
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    key_bias: Option<Tensor<2>>,
+) -> Tensor<4> {
+    let [b, h, nq, _] = q.dims();
+    let nk = k.dims()[2];
+    match kernel {
+        AttentionKernel::Efficient => {
+            efficient_attention(q, k, v, key_bias, default_block_rows(b, h, nk))
+        }
+        AttentionKernel::Plain => {
+            let bias = key_bias.map(|t| {
+                t.cast(q.dtype())
+                    .reshape([b, 1, 1, nk])
+                    .expand([b, h, nq, nk])
+            });
+            attention(q, k, v, None, bias, AttentionModuleOptions::default())
+        }
     }
 }

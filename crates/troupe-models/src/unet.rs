@@ -565,7 +565,8 @@ pub struct UNetInput {
 /// Result of [`UNet2DConditionModel::forward`].
 #[derive(Debug, Clone)]
 pub struct UNetOutput {
-    /// Predicted noise (or v) `[B, out_channels, H, W]`.
+    /// Predicted noise (or v) `[B, out_channels, H, W]`, in f32 whatever the weights' dtype
+    /// (losses and samplers work in f32).
     pub sample: Tensor<4>,
     /// Image-attention maps of the processors named in the context's `record`, in forward order.
     pub attn_probs: Vec<AttnProbs>,
@@ -958,7 +959,7 @@ impl UNet2DConditionModel {
         }
         let x = silu(self.conv_norm_out.forward(x));
         UNetOutput {
-            sample: self.conv_out.forward(x),
+            sample: self.conv_out.forward(x).cast(burn::tensor::FloatDType::F32),
             attn_probs: probs,
         }
     }

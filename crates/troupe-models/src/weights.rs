@@ -811,6 +811,56 @@ fn int_values(bytes: &[u8], dtype: StoredDType) -> Vec<i64> {
     }
 }
 
+/// Precision of frozen components (`model.dtype`): their weights are stored and computed in
+/// it, while a trainable adapter stays in f32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// bfloat16: f32's range, 8 bits of mantissa.
+    Bf16,
+    /// IEEE half: 11 bits of mantissa, overflows above 65504.
+    F16,
+}
+
+impl Precision {
+    /// The tensor dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("`{s}`: expected \"f32\", \"bf16\" or \"f16\"")),
+        }
+    }
+}
+
+/// `module` with every float parameter cast to `dtype` (same parameter ids).
+pub fn cast_floats<M: Module>(module: M, dtype: DType) -> M {
+    struct Cast(DType);
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let dtype = self.0;
+            p.map(|t| t.cast(dtype))
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
 /// Joins a key prefix and a name with a dot (an empty prefix adds nothing).
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {

@@ -15,9 +15,10 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use troupe_diffusion::conditioning::{CharacterFeatures, image_tokens};
 use troupe_models::adapter::{Adapter, AdapterSpec, GROUP_PPR, GROUP_PROCESSORS};
-use troupe_models::attention::{AdapterScales, AttnContext};
+use troupe_models::attention::{AdapterScales, AttentionKernel, AttnContext};
 use troupe_models::flops::FlopShape;
 use troupe_models::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
+use troupe_models::weights::{Precision, cast_floats};
 
 use crate::objective::{LossTargets, ObjectiveConfig, losses, recorded_layers};
 use crate::optim::{AdamW, AdamWConfig, LearningRates, ParamNames};
@@ -47,6 +48,10 @@ pub struct BenchTrainSettings {
     pub steps: usize,
     /// Untimed warm-up steps.
     pub warmup: usize,
+    /// The UNet's attention op (memory, not numbers: see [`AttentionKernel`]).
+    pub attention: AttentionKernel,
+    /// Precision of the frozen UNet (`model.dtype`); the adapter stays f32.
+    pub dtype: Precision,
 }
 
 /// What the benchmark measured.
@@ -82,7 +87,7 @@ pub fn bench_train(
 ) -> Result<BenchTrainReport> {
     let dev = device.clone().autodiff();
     dev.seed(0);
-    let unet = UNet2DConditionModel::new(config, &dev)?.no_grad();
+    let unet = cast_floats(UNet2DConditionModel::new(config, &dev)?, s.dtype.dtype()).no_grad();
     let mut spec = AdapterSpec {
         lora_rank: s.lora_rank,
         ..AdapterSpec::default()
@@ -101,7 +106,10 @@ pub fn bench_train(
         (GROUP_PROCESSORS.to_string(), 1e-4),
     ]
     .into();
-    let obj = ObjectiveConfig::default();
+    let obj = ObjectiveConfig {
+        attention: s.attention,
+        ..ObjectiveConfig::default()
+    };
     let (mut times, mut step_losses, mut image_count) = (Vec::new(), Vec::new(), 0);
     for i in 0..s.warmup + s.steps {
         let started = Instant::now();
@@ -169,6 +177,7 @@ fn step_loss(
         scales: AdapterScales::default(),
         record: recorded_layers(adapter, obj),
         ip_bias,
+        kernel: obj.attention,
     };
     let (h, w) = (s.height, s.width);
     let out = adapter.unet.forward(

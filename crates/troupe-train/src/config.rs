@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use troupe_models::adapter::AdapterSpec;
+use troupe_models::weights::Precision;
 
 use crate::objective::ObjectiveConfig;
 use crate::optim::{AdamWConfig, LrSchedule};
@@ -61,6 +62,11 @@ pub struct ModelConfig {
     /// Character slots (3).
     #[serde(default = "max_characters")]
     pub max_characters: usize,
+    /// Precision of the frozen UNet and encoders: `f32`, `bf16` or `f16` (weights stored and
+    /// computed in it; the VAE stays f32). The adapter, its gradients and AdamW stay f32, and
+    /// losses are computed in f32. `bf16` halves the frozen weights' and activations' memory.
+    #[serde(default)]
+    pub dtype: Precision,
 }
 
 // Adapter defaults are defined once, by the spec of the released StoryMaker adapter.

@@ -10,7 +10,7 @@ use troupe_data::rng::KeyedRng;
 use troupe_diffusion::conditioning::{Encoders, host};
 use troupe_diffusion::schedule::Prediction;
 use troupe_models::adapter::Adapter;
-use troupe_models::attention::{AdapterScales, AttnContext};
+use troupe_models::attention::{AdapterScales, AttentionKernel, AttnContext};
 use troupe_models::unet::{UNetInput, UNetOutput};
 
 use crate::losses::{attention_loss, character_region, noise_loss};
@@ -50,6 +50,11 @@ pub struct ObjectiveConfig {
     /// PPR body-token group dropout (0.1).
     #[serde(default = "token_drop")]
     pub drop_body_tokens: f64,
+    /// The UNet's attention op in the training forward pass: `efficient` (backward recomputes
+    /// the attention probabilities instead of keeping them; far less memory) or `plain`
+    /// (burn's op-by-op attention). Same losses and gradients to f32 rounding.
+    #[serde(default)]
+    pub attention: AttentionKernel,
 }
 
 fn noise_offset() -> f64 {
@@ -87,6 +92,7 @@ impl Default for ObjectiveConfig {
             drop_both: drop_image(),
             drop_face_tokens: token_drop(),
             drop_body_tokens: token_drop(),
+            attention: AttentionKernel::default(),
         }
     }
 }
@@ -220,6 +226,7 @@ pub fn forward(
         scales: AdapterScales::default(),
         record: recorded_layers(adapter, obj),
         ip_bias: cond.ip_bias,
+        kernel: obj.attention,
     };
     let timesteps = host(
         rnd.timesteps.iter().map(|&t| t as f32).collect(),

@@ -161,10 +161,9 @@ fn require_dir(path: &Path, key: &str) -> Result<()> {
 fn load_models(config: &TrainConfig, device: &Device) -> Result<(Encoders, Adapter)> {
     let m = &config.model;
     let unet_dir = m.base.join("unet");
-    let (unet, _) =
-        UNet2DConditionModel::from_dir(&unet_dir, device, Some(burn::tensor::DType::F32))
-            .with_context(|| format!("loading the UNet from {}", unet_dir.display()))?;
-    let encoders = Encoders::load(&m.base, &m.image_encoder, device)?;
+    let (unet, _) = UNet2DConditionModel::from_dir(&unet_dir, device, Some(m.dtype.dtype()))
+        .with_context(|| format!("loading the UNet from {}", unet_dir.display()))?;
+    let encoders = Encoders::load(&m.base, &m.image_encoder, m.dtype, device)?;
     let clip_dim = encoders.image_encoder.hidden_size();
     let unet = unet.no_grad();
     let spec = m.adapter_spec(clip_dim).for_unet(&unet)?;
