@@ -113,12 +113,17 @@ pub fn bench_train(
     let (mut times, mut step_losses, mut image_count) = (Vec::new(), Vec::new(), 0);
     for i in 0..s.warmup + s.steps {
         let started = Instant::now();
-        let (loss, tokens) = step_loss(&adapter, config, s, &obj, &dev)?;
-        image_count = tokens;
-        let grads = loss.clone().backward();
-        let mut grads = GradientsParams::from_grads(grads, &adapter);
-        adapter = opt.step(adapter, &names, &mut grads, &lrs);
-        let value: f32 = loss.into_scalar(); // waits for the step
+        let what = format!("a benchmark step (batch {})", s.batch);
+        let (stepped, value, tokens) = crate::device::catch_out_of_memory(&what, || {
+            let (loss, tokens) = step_loss(&adapter, config, s, &obj, &dev)?;
+            let grads = loss.clone().backward();
+            let mut grads = GradientsParams::from_grads(grads, &adapter);
+            let stepped = opt.step(adapter.clone(), &names, &mut grads, &lrs);
+            let value: f32 = loss.into_scalar(); // waits for the step
+            anyhow::Ok((stepped, value, tokens))
+        })
+        .map_err(anyhow::Error::msg)??;
+        (adapter, image_count) = (stepped, tokens);
         if i >= s.warmup {
             times.push(started.elapsed().as_secs_f64());
         }

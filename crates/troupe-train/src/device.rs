@@ -95,9 +95,81 @@ fn vulkan(_index: usize, spec: &str, key: &str) -> Result<Device, String> {
     ))
 }
 
+/// Whether a panic message from a GPU runtime reports an exhausted device memory (CubeCL's
+/// `OutOfMemory` launch/IO errors, the CUDA driver's `CUDA_ERROR_OUT_OF_MEMORY`, wgpu's
+/// allocation failures).
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "out-of-memory",
+        "out of memory",
+        "out of device memory",
+        "outofmemory",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+/// The text of a panic payload.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> &str {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => s,
+        (_, Some(s)) => s,
+        _ => "",
+    }
+}
+
+/// Runs `work`; a device out-of-memory inside it (which the GPU runtimes raise as a panic) comes
+/// back as an error naming `what` and the usual remedies, without the runtime's backtrace.
+/// Any other panic continues as it was.
+pub fn catch_out_of_memory<T>(what: &str, work: impl FnOnce() -> T) -> Result<T, String> {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !is_out_of_memory(panic_text(info.payload())) {
+                previous(info);
+            }
+        }));
+    });
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)) {
+        Ok(v) => Ok(v),
+        Err(payload) if is_out_of_memory(panic_text(payload.as_ref())) => Err(format!(
+            "the device ran out of memory during {what}: lower `train.batch_size` (raise \
+             `train.grad_accum` to keep the effective batch), set `model.dtype = \"bf16\"`, \
+             keep `objective.attention = \"efficient\"`, or train at a lower resolution"
+        )),
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_memory_panics_become_advice_and_others_stay_panics() {
+        // The messages CubeCL's runtimes panic with (cubecl-runtime server errors).
+        for m in [
+            "An out-of-memory error happened during launch\nCaused by:\n  pool full",
+            "out of device memory allocating 1073741824 bytes",
+            "called `Result::unwrap()` on an `Err` value: OutOfMemory { size: 8 }",
+            "CUDA_ERROR_OUT_OF_MEMORY: out of memory",
+        ] {
+            let e = catch_out_of_memory("a training step (batch 4)", || panic!("{m}"))
+                .map(|()| ())
+                .unwrap_err();
+            assert!(e.contains("batch 4") && e.contains("model.dtype"), "{e}");
+        }
+        assert_eq!(catch_out_of_memory("x", || 7), Ok(7));
+        let other = std::panic::catch_unwind(|| {
+            let _ = catch_out_of_memory("x", || panic!("index out of bounds"));
+        });
+        assert!(other.is_err(), "a different panic is not swallowed");
+    }
 
     #[test]
     fn specs() {

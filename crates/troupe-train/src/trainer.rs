@@ -461,7 +461,13 @@ fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Out
             run.outcome.interrupted = true;
             break;
         }
-        let stats = run.optimizer_step()?;
+        let what = format!(
+            "training step {} (batch {})",
+            run.state.step + 1,
+            run.config.train.batch_size
+        );
+        let stats = crate::device::catch_out_of_memory(&what, || run.optimizer_step())
+            .map_err(anyhow::Error::msg)??;
         let step = run.state.step;
         let log = step % run.config.train.log_every == 0 || step == max_steps;
         let skipped = run.state.skipped_nonfinite;
