@@ -11,7 +11,8 @@
 #   1. tiny:   configs/tiny.toml for 8 steps on the device and on the CPU; the first losses must
 #              agree within 2e-3 (absolute; f32 on both, reduction orders differ).  ≤ 240 s
 #   2. troupe: `troupe debug bench-train` on the SDXL UNet config at 1024² (latent 128²),
-#              batch 1 and 2 (f32 frozen weights: bf16 is not implemented yet).    ≤ 240 s each
+#              batch 1 and 2, frozen UNet in bf16 (`--dtype bf16`; adapter and AdamW f32),
+#              the recomputing attention (`--attention efficient`).               ≤ 240 s each
 #   3. torch:  scripts/bench_train_gpu.py, the same step in PyTorch (bf16 autocast, SDPA),
 #              batch 1 and 2.                                                      ≤ 240 s
 # Total ≤ about 16 minutes in the worst case; typically far less. `--quick` checks the script
@@ -60,7 +61,7 @@ run tiny-cpu 240 "${tiny[@]}" --set "run.dir=$out/tiny-cpu" --set train.device=c
 for b in 1 2; do
   run "troupe-b$b" 240 "$bin" debug bench-train --unet-config "$unet" --device "$device" \
     --batch "$b" --height "$lat" --width "$lat" --lora-rank "$rank" --ppr-dim-head "$dim_head" \
-    --steps 3 --warmup 1 ${peak:+--peak-tflops "$peak"} --json
+    --dtype bf16 --attention efficient --steps 3 --warmup 1 ${peak:+--peak-tflops "$peak"} --json
 done
 py=${PYTHON:-python3}
 torch_device=$device; [ "$device" = vulkan ] && torch_device=cuda
