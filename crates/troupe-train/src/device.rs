@@ -159,8 +159,7 @@ mod tests {
             "called `Result::unwrap()` on an `Err` value: OutOfMemory { size: 8 }",
             "CUDA_ERROR_OUT_OF_MEMORY: out of memory",
         ] {
-            let e = catch_out_of_memory("a training step (batch 4)", || panic!("{m}"))
-                .map(|()| ())
+            let e = catch_out_of_memory::<()>("a training step (batch 4)", || panic!("{m}"))
                 .unwrap_err();
             assert!(e.contains("batch 4") && e.contains("model.dtype"), "{e}");
         }
