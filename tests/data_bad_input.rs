@@ -343,3 +343,24 @@ fn pack_names_the_manifest_line_and_leaves_nothing_behind() {
         vec![(Some(3), None), (Some(5), Some("image".into()))]
     );
 }
+
+#[test]
+fn skipping_every_row_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rows: Vec<Sample> = (0..5).map(good_sample).collect();
+    for r in &mut rows {
+        r.characters[0].embedding[0] = f32::NAN;
+    }
+    let path = write_raw(dir.path(), rows);
+    let config = LoaderConfig {
+        batch_size: 2,
+        workers: 2,
+        on_bad_row: BadRowPolicy::Skip,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Loader::new(std::slice::from_ref(&path), config).unwrap();
+    let err = loader.next_batch().expect_err("no row is usable");
+    let text = err.to_string();
+    assert!(text.contains("5 rows skipped") && text.contains("embedding"), "{text}");
+    assert_eq!(err.at.file, path);
+}

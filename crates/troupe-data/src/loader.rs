@@ -229,8 +229,10 @@ impl Loader {
         std::mem::take(&mut self.skipped)
     }
 
-    /// The next batch; epochs follow one another without end.
+    /// The next batch; epochs follow one another without end. With policy `skip`, a whole
+    /// epoch of batches that yield no row is an error (nothing would ever come).
     pub fn next_batch(&mut self) -> Result<Batch> {
+        let mut empty_batches = 0u64;
         loop {
             if self.pipeline.is_none() {
                 self.start_epoch()?;
@@ -262,11 +264,28 @@ impl Loader {
                 self.pipeline = None;
             }
             if ok.is_empty() {
+                empty_batches += 1;
+                if empty_batches >= epoch_len {
+                    return Err(self.nothing_usable(empty_batches));
+                }
                 continue;
             }
             self.state.samples += ok.len() as u64;
             return Ok(assemble(epoch, batch_index, ok, &self.config.recipe));
         }
+    }
+
+    /// The error for `batches` batches in a row (an epoch's worth) whose rows were all skipped.
+    fn nothing_usable(&mut self, batches: u64) -> DataError {
+        self.pipeline = None;
+        let first = self.skipped.first().map_or(String::new(), |e| format!("; the first: {e}"));
+        DataError::new(
+            Location::file(self.index.shard_path(0)),
+            format!(
+                "a whole epoch ({batches} batches) yielded no usable row: {} rows skipped so far (`on_bad_row = skip`){first}",
+                self.state.skipped
+            ),
+        )
     }
 
     fn start_epoch(&mut self) -> Result<()> {
