@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use troupe_data::DataError;
 use troupe_data::check::check_shards;
+use troupe_data::error::Location;
 use troupe_data::image_io::{DecodeLimits, encode_png_gray, encode_png_rgb};
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
 use troupe_data::pack::{OnBadLine, pack_manifest};
@@ -85,6 +86,19 @@ fn assert_names(errors: &[DataError], file: &Path, row: u64, field: &str, words:
     );
 }
 
+/// The first half of a baseline JPEG of a `w`×`h` test image.
+fn half_of_a_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90)
+        .encode_image(&image(w, h, 1))
+        .unwrap();
+    // The whole file is accepted; half of it is not.
+    let at = Location::file("whole.jpg");
+    troupe_data::image_io::decode_rgb(&bytes, &at, DecodeLimits::default()).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    bytes
+}
+
 fn check(path: &Path) -> Vec<DataError> {
     check_shards(&[path.to_path_buf()], DecodeLimits::default(), 2).problems
 }
@@ -92,7 +106,7 @@ fn check(path: &Path) -> Vec<DataError> {
 #[test]
 fn check_names_file_row_and_field_for_each_bad_value() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rows: Vec<Sample> = (0..9).map(good_sample).collect();
+    let mut rows: Vec<Sample> = (0..10).map(good_sample).collect();
     let truncated = rows[1].image.bytes.len() / 2;
     rows[1].image.bytes.truncate(truncated);
     rows[2].image.bytes = b"definitely not an image".to_vec();
@@ -102,9 +116,13 @@ fn check_names_file_row_and_field_for_each_bad_value() {
     rows[6].characters[0].mask.bytes = encode_png_gray(&rect_mask(97, 83, [0, 0, 0, 0]));
     rows[7].characters.clear();
     rows[8].characters[0].keypoints[0] = 500.0;
+    // A JPEG cut in half: decoders fill the rest in; Pillow and OpenCV refuse it, and so do we.
+    let jpeg = half_of_a_jpeg(97, 83);
+    rows[9].image.bytes = jpeg;
     let path = write_raw(dir.path(), rows);
     let errors = check(&path);
-    assert_names(&errors, &path, 1, "image", "decode");
+    assert_names(&errors, &path, 1, "image", "truncated PNG");
+    assert_names(&errors, &path, 9, "image", "truncated JPEG");
     assert_names(&errors, &path, 2, "image", "not a recognised image");
     assert_names(&errors, &path, 3, "characters[0].embedding", "not finite");
     assert_names(
@@ -361,6 +379,9 @@ fn skipping_every_row_is_an_error_not_a_hang() {
     let mut loader = Loader::new(std::slice::from_ref(&path), config).unwrap();
     let err = loader.next_batch().expect_err("no row is usable");
     let text = err.to_string();
-    assert!(text.contains("5 rows skipped") && text.contains("embedding"), "{text}");
+    assert!(
+        text.contains("5 rows skipped") && text.contains("embedding"),
+        "{text}"
+    );
     assert_eq!(err.at.file, path);
 }

@@ -50,6 +50,9 @@ pub fn probe(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<(u32, 
             format!("image has zero size {w}x{h}"),
         ));
     }
+    if let Some(problem) = incomplete(bytes) {
+        return Err(DataError::new(at.clone(), problem));
+    }
     if w > limits.max_side || h > limits.max_side || w as u64 * h as u64 > limits.max_pixels {
         return Err(DataError::new(
             at.clone(),
@@ -60,6 +63,56 @@ pub fn probe(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<(u32, 
         ));
     }
     Ok((w, h))
+}
+
+/// Why `bytes` are not a complete image file, or `None`. Decoders fill a cut-off image in (a
+/// JPEG cut in half decodes, its lower part gray); Pillow and OpenCV refuse those bytes, so
+/// Troupe does too: a JPEG needs its end-of-image marker after the first scan, a PNG its IEND
+/// chunk, a WebP its whole RIFF payload.
+fn incomplete(bytes: &[u8]) -> Option<String> {
+    let n = bytes.len();
+    if bytes.starts_with(&[0xFF, 0xD8]) {
+        let scan = jpeg_first_scan(bytes)?;
+        let ends = bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        return (!ends).then(|| {
+            format!("truncated JPEG: the data ({n} bytes) ends without its end-of-image marker")
+        });
+    }
+    if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        let complete = bytes.len() >= 12 && bytes[..n].windows(8).any(|w| w == b"IEND\xAEB`\x82");
+        return (!complete)
+            .then(|| format!("truncated PNG: the data ({n} bytes) has no IEND chunk"));
+    }
+    if bytes.starts_with(b"RIFF") && bytes.get(8..12) == Some(b"WEBP") {
+        let declared = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize + 8;
+        return (n < declared).then(|| {
+            format!("truncated WebP: the RIFF header declares {declared} bytes, the data has {n}")
+        });
+    }
+    None
+}
+
+/// Offset of the first start-of-scan segment of a JPEG (walking the marker segments, so
+/// markers inside EXIF thumbnails are not mistaken for the image's), or `None` when the
+/// segments run past the data (the decoder then reports the damage itself).
+fn jpeg_first_scan(bytes: &[u8]) -> Option<usize> {
+    let mut i = 2;
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return None;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xFF => i += 1, // fill byte
+            0xD0..=0xD7 | 0x01 => i += 2,
+            0xDA => return Some(i),
+            _ => {
+                let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+                i += 2 + len;
+            }
+        }
+    }
+    None
 }
 
 fn decode(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<DynamicImage> {

@@ -278,7 +278,10 @@ impl Loader {
     /// The error for `batches` batches in a row (an epoch's worth) whose rows were all skipped.
     fn nothing_usable(&mut self, batches: u64) -> DataError {
         self.pipeline = None;
-        let first = self.skipped.first().map_or(String::new(), |e| format!("; the first: {e}"));
+        let first = self
+            .skipped
+            .first()
+            .map_or(String::new(), |e| format!("; the first: {e}"));
         DataError::new(
             Location::file(self.index.shard_path(0)),
             format!(
