@@ -129,22 +129,21 @@ fn panel(
     }
 }
 
-/// Reads `metrics.jsonl`; a step logged twice (a run resumed from an earlier checkpoint) keeps
-/// its last value.
+/// Reads `metrics.jsonl` by step (a torn last line is left out, with a warning); a step logged
+/// twice (by a run from before resumes cut their records) keeps its last value.
 fn read_metrics(path: &Path) -> Result<BTreeMap<u64, serde_json::Value>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if !path.is_file() {
+        bail!("{}: no such file", path.display());
+    }
+    let (records, torn) = troupe_train::records::read_metrics(path)?;
+    if let Some(torn) = torn {
+        eprintln!("warning: {torn}");
+    }
     let mut by_step = BTreeMap::new();
-    for (i, l) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let v: serde_json::Value = serde_json::from_str(l)
-            .with_context(|| format!("{}: line {}", path.display(), i + 1))?;
+    for v in records {
         let step = v["step"]
             .as_u64()
-            .with_context(|| format!("{}: line {}: no `step`", path.display(), i + 1))?;
+            .expect("read_metrics keeps records with a step");
         // Several records may share a step (training line, validation scalars): merge them.
         match (by_step.get_mut(&step), v) {
             (Some(serde_json::Value::Object(old)), serde_json::Value::Object(new)) => {

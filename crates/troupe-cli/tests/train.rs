@@ -80,9 +80,51 @@ fn crash_and_resume_is_bit_identical_to_a_straight_run() {
     std::fs::create_dir_all(&half).unwrap();
     std::fs::write(half.join("adapter.safetensors"), b"partial").unwrap();
 
+    // The kill also tore the records mid-write: half a metrics line, half an event.
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(crashed.join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut metrics, b"{\"step\":5,\"loss\":1.2").unwrap();
+    let events = std::fs::read_dir(&crashed)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("tfevents"))
+        .unwrap();
+    let mut bytes = std::fs::read(&events).unwrap();
+    bytes.extend_from_slice(&[7, 0, 0, 0, 0, 0]);
+    std::fs::write(&events, bytes).unwrap();
+    // The torn line does not stop `troupe plot` (it is left out, with a warning).
+    let out = troupe(&["plot", crashed.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("cut off"),
+        "{stderr}"
+    );
+
     let out = troupe(&["train", "--resume", crashed.to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
+    // The resumed run's records equal the straight run's: each step once, the same values
+    // (timings aside), in metrics.jsonl and in the TensorBoard events.
+    let values = |run: &Path| -> Vec<serde_json::Value> {
+        let (records, torn) =
+            troupe_train::records::read_metrics(&run.join("metrics.jsonl")).unwrap();
+        assert!(torn.is_none());
+        records
+            .into_iter()
+            .map(|mut r| {
+                for timing in ["elapsed_s", "samples_per_s", "step_s", "data_wait_s"] {
+                    r.as_object_mut().unwrap().remove(timing);
+                }
+                r
+            })
+            .collect()
+    };
+    assert_eq!(values(&straight), values(&crashed));
+    let steps = |run: &Path| troupe_train::tensorboard::event_steps(run).unwrap();
+    assert_eq!(steps(&crashed), steps(&straight));
+    assert_eq!(steps(&straight), (1..=6).collect::<Vec<u64>>());
     assert!(
         stderr.contains("step-00000005") && stderr.contains("no COMPLETE marker"),
         "{stderr}"

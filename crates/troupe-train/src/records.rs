@@ -47,9 +47,14 @@ pub struct Records {
 
 impl Records {
     /// Opens (appending) `metrics.jsonl` and a new TensorBoard event file in `dir`; progress
-    /// rates count from `start_step`.
+    /// rates count from `start_step`. Records of steps after `start_step` (logged by an earlier
+    /// process after the checkpoint it resumes from, or torn by a kill) are cut first, from
+    /// both, so a resumed run's records equal an uninterrupted run's.
     pub fn open(dir: &Path, start_step: u64) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
+        cut_metrics(&path, start_step)?;
+        crate::tensorboard::cut_event_files(dir, start_step)
+            .with_context(|| format!("cutting the TensorBoard events in {}", dir.display()))?;
         let metrics = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,7 +94,7 @@ impl Records {
             "samples_per_s": rate, "skipped_nonfinite": skipped, "elapsed_s": secs,
             "step_s": s.step_s, "data_wait_s": s.data_wait_s,
         });
-        writeln!(self.metrics, "{line}")?;
+        self.append(&line)?;
         self.events.scalars(
             step,
             &[
@@ -124,8 +129,15 @@ impl Records {
         for (k, v) in values {
             line.insert((*k).into(), (*v).into());
         }
-        writeln!(self.metrics, "{}", serde_json::Value::Object(line))?;
+        self.append(&serde_json::Value::Object(line))?;
         self.events.scalars(step, values)?;
+        Ok(())
+    }
+
+    /// Appends one record in a single write, so a kill cannot leave half a line followed by
+    /// more records.
+    fn append(&mut self, record: &serde_json::Value) -> Result<()> {
+        self.metrics.write_all(format!("{record}\n").as_bytes())?;
         Ok(())
     }
 
@@ -156,6 +168,70 @@ impl Records {
         self.metrics.sync_all()?;
         Ok(())
     }
+}
+
+/// The records of a `metrics.jsonl` in file order. A last line that does not parse (torn by a
+/// kill mid-write) is left out and reported in the second value; any other bad line is an
+/// error naming its line. A missing file has no records.
+pub fn read_metrics(path: &Path) -> Result<(Vec<serde_json::Value>, Option<String>)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), None)),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let lines: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let mut records = Vec::with_capacity(lines.len());
+    let mut torn = None;
+    for (k, (i, l)) in lines.iter().enumerate() {
+        let parsed = serde_json::from_str::<serde_json::Value>(l)
+            .ok()
+            .filter(|v| v["step"].as_u64().is_some());
+        match parsed {
+            Some(v) => records.push(v),
+            None if k + 1 == lines.len() && !text.ends_with('\n') => {
+                torn = Some(format!(
+                    "{}: line {} is cut off (a write interrupted by a kill); left out",
+                    path.display(),
+                    i + 1
+                ));
+            }
+            None => anyhow::bail!(
+                "{}: line {} is not a metrics record (JSON with a `step`)",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok((records, torn))
+}
+
+/// Rewrites `metrics.jsonl` without the records after `step` (and without a torn last line),
+/// atomically; leaves a file that needs no cut untouched.
+fn cut_metrics(path: &Path, step: u64) -> Result<()> {
+    let (records, torn) = read_metrics(path)?;
+    let keep: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["step"].as_u64().is_some_and(|s| s <= step))
+        .collect();
+    if keep.len() == records.len() && torn.is_none() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for r in keep {
+        text.push_str(&format!("{r}\n"));
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("rewriting {} up to step {step}", path.display()))
 }
 
 /// `[========>         ]` for `done` of `total`.

@@ -77,7 +77,15 @@ impl EventWriter {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "troupe".into());
-        let path = dir.join(format!("events.out.tfevents.{}.{host}", now.as_secs()));
+        // A resumed run may start within the second of an earlier file: never overwrite one.
+        let base = format!("events.out.tfevents.{}.{host}", now.as_secs());
+        let mut path = dir.join(&base);
+        for n in 1.. {
+            if !path.exists() {
+                break;
+            }
+            path = dir.join(format!("{base}.{n}"));
+        }
         let mut w = Self {
             out: BufWriter::new(File::create(&path)?),
             path,
@@ -151,9 +159,154 @@ impl EventWriter {
     }
 }
 
+/// Each whole, checksum-valid record of a TFRecord file with its byte range and its event's
+/// step; a torn or damaged tail ends the list (the bool says whether one was found).
+fn records(bytes: &[u8]) -> (Vec<(std::ops::Range<usize>, Option<u64>)>, bool) {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(head) = bytes.get(at..at + 12) else {
+            return (out, true);
+        };
+        let len_bytes: [u8; 8] = head[..8].try_into().expect("8 bytes");
+        let len = u64::from_le_bytes(len_bytes);
+        let crc_ok =
+            u32::from_le_bytes(head[8..12].try_into().expect("4")) == masked_crc(&len_bytes);
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| (at + 12).checked_add(l));
+        let Some((data, crc)) = end
+            .filter(|_| crc_ok)
+            .and_then(|end| Some((bytes.get(at + 12..end)?, bytes.get(end..end + 4)?)))
+        else {
+            return (out, true);
+        };
+        if u32::from_le_bytes(crc.try_into().expect("4")) != masked_crc(data) {
+            return (out, true);
+        }
+        let next = at + 12 + data.len() + 4;
+        out.push((at..next, event_step(data)));
+        at = next;
+    }
+    (out, false)
+}
+
+/// The `step` (field 2) of an encoded `Event`.
+fn event_step(mut data: &[u8]) -> Option<u64> {
+    fn read_varint(data: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = data.split_first()?;
+            *data = rest;
+            v |= ((b & 0x7F) as u64) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    while !data.is_empty() {
+        let key = read_varint(&mut data)?;
+        let skip = match (key >> 3, key & 7) {
+            (2, 0) => return read_varint(&mut data),
+            (_, 0) => {
+                read_varint(&mut data)?;
+                0
+            }
+            (_, 1) => 8,
+            (_, 5) => 4,
+            (_, 2) => read_varint(&mut data)? as usize,
+            _ => return None,
+        };
+        data = data.get(skip..)?;
+    }
+    None
+}
+
+/// The steps of the events in the event files of `dir` (all files, in name order), the
+/// file-version header left out.
+pub fn event_steps(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("events.out.tfevents.") && !n.ends_with(".partial"))
+        })
+        .collect();
+    files.sort();
+    let mut steps = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f)?;
+        let (all, _) = records(&bytes);
+        // The first record of a file is its `file_version` header.
+        steps.extend(all.iter().skip(1).filter_map(|(_, s)| *s));
+    }
+    Ok(steps)
+}
+
+/// Removes, from every event file in `dir`, the events after `step` and any torn last record
+/// (a run resumed from the checkpoint at `step` logs those steps again). Each changed file is
+/// rewritten atomically; files needing no cut are left alone.
+pub fn cut_event_files(dir: &Path, step: u64) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let named = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if !named.starts_with("events.out.tfevents.") || named.ends_with(".partial") {
+            continue;
+        }
+        let bytes = std::fs::read(&path)?;
+        let (all, torn) = records(&bytes);
+        let keep: Vec<_> = all
+            .iter()
+            .filter(|(_, s)| s.is_none_or(|s| s <= step))
+            .collect();
+        if keep.len() == all.len() && !torn {
+            continue;
+        }
+        let mut out = Vec::with_capacity(bytes.len());
+        for (range, _) in keep {
+            out.extend_from_slice(&bytes[range.clone()]);
+        }
+        let tmp = path.with_file_name(format!("{named}.partial"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&out)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_keeps_the_steps_up_to_the_checkpoint_and_drops_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = EventWriter::create(dir.path()).unwrap();
+        for step in 1..=6 {
+            w.scalars(step, &[("loss", step as f64)]).unwrap();
+        }
+        let path = w.path().to_path_buf();
+        drop(w);
+        let whole = std::fs::read(&path).unwrap();
+        // A kill in the middle of the last record.
+        std::fs::write(&path, &whole[..whole.len() - 5]).unwrap();
+        cut_event_files(dir.path(), 3).unwrap();
+        let (kept, torn) = records(&std::fs::read(&path).unwrap());
+        assert!(!torn);
+        let steps: Vec<Option<u64>> = kept.iter().map(|(_, s)| *s).collect();
+        assert_eq!(steps, [Some(0), Some(1), Some(2), Some(3)]);
+        // The kept records are byte for byte the ones written.
+        assert_eq!(std::fs::read(&path).unwrap(), whole[..kept[3].0.end]);
+        // A second writer in the same second gets its own file.
+        let again = EventWriter::create(dir.path()).unwrap();
+        assert_ne!(again.path(), path);
+    }
 
     #[test]
     fn crc32c_check_value() {
