@@ -14,8 +14,10 @@ pub struct TrainArgs {
     /// Run config (e.g. `configs/tiny.toml`).
     #[arg(long, conflicts_with = "resume")]
     config: Option<PathBuf>,
-    /// Override a config value, e.g. `--set train.max_steps=100` (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE", requires = "config")]
+    /// Override a config value, e.g. `--set train.max_steps=100` (repeatable). With `--resume`,
+    /// only the keys that leave the steps taken valid (max_steps, logging, checkpoint and
+    /// sample cadence, the LR schedule); others are refused.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
@@ -30,7 +32,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let outcome = match (args.config, args.resume) {
         (Some(path), None) => train(TrainConfig::load(&path, &args.set)?, stop)?,
-        (None, Some(dir)) => resume(&dir, stop)?,
+        (None, Some(dir)) => resume(&dir, &args.set, stop)?,
         _ => bail!("give --config FILE or --resume RUN_DIR"),
     };
     if let Some(c) = &outcome.checkpoint {

@@ -441,3 +441,84 @@ fn bf16_frozen_model_trains_close_to_f32() {
         "{f32:?} vs {bf16:?}"
     );
 }
+
+#[test]
+fn resume_continues_in_the_given_folder_with_the_allowed_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let original = tmp.path().join("original");
+    let out = train(&original, 3, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A copy resumes in the copy, not in the folder its config was written for.
+    let copy = tmp.path().join("copy");
+    copy_dir(&original, &copy);
+    let resume = |sets: &[&str]| {
+        let mut args = vec!["train", "--resume", copy.to_str().unwrap()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        troupe(&args, &[])
+    };
+    // A change that would invalidate the steps taken is refused, naming the key.
+    let out = resume(&["model.lora_rank=8"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("model.lora_rank"),
+        "{stderr}"
+    );
+    // max_steps may change: the run goes on to 4 and says so.
+    let out = resume(&["train.max_steps=4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("train.max_steps: 3 → 4"), "{stderr}");
+    assert!(copy.join("checkpoints/step-00000004/COMPLETE").is_file());
+    assert!(!original.join("checkpoints/step-00000004").exists());
+    let log = std::fs::read_to_string(copy.join("config-changes.log")).unwrap();
+    assert!(log.contains("train.max_steps: 3 → 4"), "{log}");
+    let config = std::fs::read_to_string(copy.join("config.toml")).unwrap();
+    assert!(config.contains("max_steps = 4"), "{config}");
+    assert!(
+        config.contains(&format!("dir = {:?}", copy.display().to_string())),
+        "{config}"
+    );
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_resumes_from_step_zero() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    assert!(train(&straight, 4, &[]).status.success());
+    // Killed after step 2; the first checkpoint would have been at step 3.
+    let killed = tmp.path().join("killed");
+    let out = train(&killed, 4, &[("TROUPE_CRASH_AFTER_STEP", "2")]);
+    assert!(!out.status.success());
+    assert!(!killed.join("checkpoints/step-00000003").exists());
+    let out = troupe(&["train", "--resume", killed.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.contains("from step 0"),
+        "{stderr}"
+    );
+    let (a, b) = (
+        straight.join("checkpoints/step-00000004"),
+        killed.join("checkpoints/step-00000004"),
+    );
+    assert!(read(&a, "adapter.safetensors") == read(&b, "adapter.safetensors"));
+    let steps = |run: &Path| troupe_train::tensorboard::event_steps(run).unwrap();
+    assert_eq!(steps(&killed), steps(&straight));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}

@@ -107,6 +107,22 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// Replaces `path` with `bytes` atomically: written to `path.partial`, fsynced, renamed over
+/// `path`. A kill leaves either the old file or the new one (and perhaps a `.partial`).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let tmp = path.with_file_name(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        fsync_dir(dir);
+    }
+    Ok(())
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f =
         std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;

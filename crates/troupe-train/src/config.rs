@@ -361,6 +361,58 @@ impl TrainConfig {
         Ok(config)
     }
 
+    /// The resolved config of a run (`text`, read from `path`) for resuming it in `run_dir`:
+    /// `run.dir` becomes `run_dir` (a copied or moved run continues where it is), and the
+    /// `overrides` may change only [`RESUMABLE_KEYS`], which leave the steps already taken
+    /// valid. Returns the config and a line per changed value.
+    pub fn for_resume(
+        text: &str,
+        path: &str,
+        run_dir: &Path,
+        overrides: &[String],
+    ) -> Result<(Self, Vec<String>), ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.into(),
+            message,
+        };
+        let before = Self::from_toml(text, path)?;
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k).trim();
+            if !RESUMABLE_KEYS
+                .iter()
+                .any(|k| key == *k || key.starts_with(&format!("{k}.")))
+            {
+                return Err(ConfigError {
+                    path: "--set".into(),
+                    message: format!(
+                        "`{key}` cannot change when resuming (the steps already taken depend on it); keys that can: {}",
+                        RESUMABLE_KEYS.join(", ")
+                    ),
+                });
+            }
+            set(&mut value, o).map_err(|message| ConfigError {
+                path: "--set".into(),
+                message,
+            })?;
+        }
+        let mut config: Self = toml::Value::Table(value)
+            .try_into()
+            .map_err(|e: toml::de::Error| err(e.to_string()))?;
+        config.run.dir = run_dir.to_path_buf();
+        config.validate().map_err(err)?;
+        let (old, new) = (toml_lines(&before.to_toml()), toml_lines(&config.to_toml()));
+        let changes = new
+            .iter()
+            .filter(|(k, v)| old.iter().any(|(ok, ov)| ok == k && ov != v))
+            .map(|(k, v)| {
+                let was = &old.iter().find(|(ok, _)| ok == k).expect("present").1;
+                format!("{k}: {was} → {v}")
+            })
+            .collect();
+        Ok((config, changes))
+    }
+
     /// Parses a resolved config (as written into a run directory).
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|e| ConfigError {
@@ -549,6 +601,40 @@ impl TrainConfig {
 }
 
 /// Applies one `a.b.c=value` override to a TOML table.
+/// Config keys (and tables) a resume may change: how long to go on, how often to log, check
+/// and sample, and the learning-rate schedule's shape ahead.
+pub const RESUMABLE_KEYS: &[&str] = &[
+    "train.max_steps",
+    "train.log_every",
+    "train.schedule",
+    "checkpoint.every_steps",
+    "checkpoint.keep_last",
+    "samples.every_steps",
+    "validation.every_steps",
+];
+
+/// `(dotted key, value)` for every leaf of a TOML document, for describing changes.
+fn toml_lines(text: &str) -> Vec<(String, String)> {
+    fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<(String, String)>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(inner) => walk(&key, inner, out),
+                other => out.push((key, other.to_string())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(t) = toml::from_str::<toml::Table>(text) {
+        walk("", &t, &mut out);
+    }
+    out
+}
+
 fn set(table: &mut toml::Table, assignment: &str) -> Result<(), String> {
     let (key, raw) = assignment
         .split_once('=')

@@ -224,14 +224,8 @@ fn cut_metrics(path: &Path, step: u64) -> Result<()> {
     for r in keep {
         text.push_str(&format!("{r}\n"));
     }
-    let tmp = path.with_extension("jsonl.partial");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().with_context(|| format!("rewriting {} up to step {step}", path.display()))
+    crate::checkpoint::write_atomic(path, text.as_bytes())
+        .with_context(|| format!("rewriting {} up to step {step}", path.display()))
 }
 
 /// `[========>         ]` for `done` of `total`.

@@ -271,11 +271,7 @@ pub fn cut_event_files(dir: &Path, step: u64) -> std::io::Result<()> {
         for (range, _) in keep {
             out.extend_from_slice(&bytes[range.clone()]);
         }
-        let tmp = path.with_file_name(format!("{named}.partial"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&out)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
+        crate::checkpoint::write_atomic(&path, &out)?;
     }
     Ok(())
 }

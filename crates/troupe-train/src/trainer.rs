@@ -85,12 +85,36 @@ pub fn train(config: TrainConfig, stop: Arc<AtomicBool>) -> Result<Outcome> {
     run(config, false, stop)
 }
 
-/// Continues the run in `run_dir` from its newest complete checkpoint.
-pub fn resume(run_dir: &Path, stop: Arc<AtomicBool>) -> Result<Outcome> {
+/// Continues the run in `run_dir` (wherever its config says it was) from its newest complete
+/// checkpoint, or from step 0 when it stopped before its first. `overrides` may change the
+/// keys in [`crate::config::RESUMABLE_KEYS`]; each change is printed and kept in the run's
+/// config and in `config-changes.log`.
+pub fn resume(run_dir: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Result<Outcome> {
     let path = run_dir.join(CONFIG_FILE);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let config = TrainConfig::from_toml(&text, &path.display().to_string())?;
+    let shown = path.display().to_string();
+    let (config, changes) = TrainConfig::for_resume(&text, &shown, run_dir, overrides)?;
+    if !changes.is_empty() {
+        let mut log = String::new();
+        for c in &changes {
+            eprintln!("changed on resume: {c}");
+            log.push_str(&format!("resume: {c}\n"));
+        }
+        let log_path = run_dir.join("config-changes.log");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
+        std::io::Write::write_all(&mut f, log.as_bytes())
+            .with_context(|| format!("writing {}", log_path.display()))?;
+    }
+    let resolved = config.to_toml();
+    if resolved != text {
+        crate::checkpoint::write_atomic(&path, resolved.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     run(config, true, stop)
 }
 
@@ -185,15 +209,30 @@ impl Run {
         let shards = find_shards(&config.data.shards)?;
         let lcfg = loader_config(&config, &encoders);
         let dir = config.run.dir.clone();
-        let (opt, loader, state) = if resuming {
+        let loaded = if resuming {
             let (loaded, rejected) =
                 checkpoint::load_latest(&dir, config.train.adamw, &device.clone().inner())?;
             for r in &rejected {
                 eprintln!("warning: skipping checkpoint: {r}");
             }
-            let Some(l) = loaded else {
-                bail!("{}: no complete checkpoint to resume from", dir.display());
-            };
+            if loaded.is_none() {
+                // Damaged checkpoints are a run's progress: never start over silently past them.
+                if !rejected.is_empty() {
+                    bail!(
+                        "{}: no complete checkpoint to resume from (see above); move the damaged ones away to start the run over",
+                        dir.display()
+                    );
+                }
+                eprintln!(
+                    "{}: no checkpoint yet: starting the run from step 0",
+                    dir.display()
+                );
+            }
+            loaded.map(|l| (l, rejected))
+        } else {
+            None
+        };
+        let (opt, loader, state) = if let Some((l, rejected)) = loaded {
             if !rejected.is_empty() {
                 eprintln!(
                     "resuming from the previous complete checkpoint {}",
