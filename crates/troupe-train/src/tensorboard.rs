@@ -159,9 +159,12 @@ impl EventWriter {
     }
 }
 
+/// A record's byte range in its file and its event's step.
+type Record = (std::ops::Range<usize>, Option<u64>);
+
 /// Each whole, checksum-valid record of a TFRecord file with its byte range and its event's
 /// step; a torn or damaged tail ends the list (the bool says whether one was found).
-fn records(bytes: &[u8]) -> (Vec<(std::ops::Range<usize>, Option<u64>)>, bool) {
+fn records(bytes: &[u8]) -> (Vec<Record>, bool) {
     let mut out = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
