@@ -270,6 +270,11 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             if min_side == 0 || min_side > max_side {
                 bail!("--min-side must be at least 1 and at most --max-side");
             }
+            // Larger images could not be decoded by the loader anyway.
+            let limit = DecodeLimits::default().max_side;
+            if max_side > limit {
+                bail!("--max-side {max_side} is over the decode limit of {limit} px a side");
+            }
             let opts = troupe_data::synth::SynthOptions {
                 rows,
                 min_side,
@@ -302,6 +307,14 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             bucket_area,
             on_bad_row,
         } => {
+            if let Some(a) = bucket_area {
+                let max = DecodeLimits::default().max_pixels;
+                if !(64 * 64..=max).contains(&(a as u64)) {
+                    bail!(
+                        "--bucket-area {a}: expected 4096 to {max} pixels (64² to the decode limit)"
+                    );
+                }
+            }
             let shards = find_shards(&paths)?;
             let config = LoaderConfig {
                 batch_size,

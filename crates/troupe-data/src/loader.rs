@@ -219,6 +219,12 @@ impl Loader {
         &self.state
     }
 
+    /// The largest character count of any row, with the first row that has it (from the
+    /// index: no row is decoded).
+    pub fn most_characters(&self) -> (usize, Location) {
+        self.index.most_characters()
+    }
+
     /// Rows in the dataset.
     pub fn num_rows(&self) -> u64 {
         self.index.num_rows()

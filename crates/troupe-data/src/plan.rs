@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Location, Result};
 use crate::rng::{KeyedRng, Purpose};
+use crate::schema::col;
 use crate::shard::ShardReader;
 
 /// A row of the dataset: shard index (into [`DatasetIndex::shards`]) and row in that shard.
@@ -35,6 +36,8 @@ pub struct ShardEntry {
     pub row_groups: Vec<(u64, u64)>,
     /// (width, height) of every row.
     pub sizes: Vec<(u32, u32)>,
+    /// Characters of every row.
+    pub characters: Vec<usize>,
 }
 
 /// The dataset as the planner sees it.
@@ -54,10 +57,12 @@ impl DatasetIndex {
                 .map(|g| reader.row_group_span(g))
                 .collect();
             let sizes = reader.read_sizes()?;
+            let characters = reader.read_character_counts()?;
             shards.push(ShardEntry {
                 path: path.clone(),
                 row_groups,
                 sizes,
+                characters,
             });
         }
         if shards.iter().all(|s| s.sizes.is_empty()) {
@@ -70,6 +75,19 @@ impl DatasetIndex {
     /// Total rows.
     pub fn num_rows(&self) -> u64 {
         self.shards.iter().map(|s| s.sizes.len() as u64).sum()
+    }
+
+    /// The largest character count of any row, with the first row that has it.
+    pub fn most_characters(&self) -> (usize, Location) {
+        let mut best = (0, Location::default());
+        for s in &self.shards {
+            for (row, &n) in s.characters.iter().enumerate() {
+                if n > best.0 {
+                    best = (n, Location::row(&s.path, row as u64).field(col::CHARACTERS));
+                }
+            }
+        }
+        best
     }
 
     /// (width, height) of a row.
@@ -351,6 +369,7 @@ mod tests {
                     sizes: (0..rows)
                         .map(|r| if r % 3 == 0 { (1024, 768) } else { (768, 1024) })
                         .collect(),
+                    characters: (0..rows).map(|r| 1 + r % 3).collect(),
                 })
                 .collect(),
         }

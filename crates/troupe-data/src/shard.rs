@@ -454,6 +454,62 @@ impl ShardReader {
         Ok(out)
     }
 
+    /// The number of characters of every row, read from the list structure of one small leaf
+    /// (`characters[].bbox`), not the embeddings or masks. A null list counts as 0.
+    pub fn read_character_counts(&self) -> Result<Vec<usize>> {
+        let groups = (0..self.num_row_groups()).collect::<Vec<_>>();
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let schema = self.metadata.parquet_schema();
+        let leaf = (0..schema.num_columns()).find(|&i| {
+            let column = schema.column(i);
+            let parts = column.path().parts();
+            parts.first().map(String::as_str) == Some(col::CHARACTERS)
+                && parts.iter().any(|p| p == col::BBOX)
+        });
+        let Some(leaf) = leaf else {
+            return Err(DataError::new(
+                Location::file(&self.path).field(col::CHARACTERS),
+                "no `bbox` field in the characters column",
+            ));
+        };
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| DataError::io(&self.path, &e))?;
+        let fail = |e: &dyn std::fmt::Display| {
+            DataError::new(
+                Location::file(&self.path).field(col::CHARACTERS),
+                format!("cannot read the character lists (corrupt or truncated file?): {e}"),
+            )
+        };
+        let reader =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
+                .with_row_groups(groups)
+                .with_batch_size(1 << 16)
+                .with_projection(ProjectionMask::leaves(schema, [leaf]))
+                .build()
+                .map_err(|e| fail(&e))?;
+        let mut out = Vec::with_capacity(self.num_rows() as usize);
+        for batch in reader {
+            let batch = batch.map_err(|e| fail(&e))?;
+            let lists = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<ListArray>()
+                .ok_or_else(|| fail(&"`characters` is not a list"))?;
+            for i in 0..lists.len() {
+                out.push(if lists.is_null(i) {
+                    0
+                } else {
+                    lists.value_length(i) as usize
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// Reads only the `width` and `height` columns of every row (for planning buckets without
     /// decoding images). A null or non-positive size is an error naming its row.
     pub fn read_sizes(&self) -> Result<Vec<(u32, u32)>> {

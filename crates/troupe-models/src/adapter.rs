@@ -104,8 +104,68 @@ impl AdapterSpec {
         })
     }
 
+    /// Checks that every size is usable before anything is allocated: all at least 1, the PPR
+    /// head width dividing both resampler widths, sizes within bounds. The message names the
+    /// field.
+    pub fn validate(&self) -> Result<(), String> {
+        let p = &self.ppr;
+        for (field, v) in [
+            ("lora_rank", self.lora_rank),
+            ("ppr.cross_attention_dim", p.cross_attention_dim),
+            ("ppr.id_embeddings_dim", p.id_embeddings_dim),
+            ("ppr.clip_embeddings_dim", p.clip_embeddings_dim),
+            ("ppr.num_tokens", p.num_tokens),
+            ("ppr.resampler_depth", p.resampler_depth),
+            ("ppr.resampler_dim_head", p.resampler_dim_head),
+            ("ppr.resampler_num_queries", p.resampler_num_queries),
+            ("ppr.resampler_ff_mult", p.resampler_ff_mult),
+            ("ppr.max_characters", p.max_characters),
+        ] {
+            if v == 0 {
+                return Err(format!("`{field}` must be at least 1"));
+            }
+            if v > MAX_SIZE {
+                return Err(format!("`{field}` = {v} is over the limit of {MAX_SIZE}"));
+            }
+        }
+        for (width, name) in [
+            (
+                p.cross_attention_dim,
+                "the face resampler width (cross_attention_dim)",
+            ),
+            (
+                p.clip_embeddings_dim,
+                "the character resampler width (clip_embeddings_dim)",
+            ),
+        ] {
+            if width % p.resampler_dim_head != 0 {
+                return Err(format!(
+                    "`ppr.resampler_dim_head` = {} does not divide {name} {width}",
+                    p.resampler_dim_head
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that an adapter of this spec fits `unet`; the message says what differs.
     pub fn check_unet(&self, unet: &UNet2DConditionModel) -> Result<(), String> {
+        self.validate()?;
+        let narrowest = unet
+            .processors()
+            .iter()
+            .map(|p| {
+                p.hidden_size
+                    .min(p.cross_attention_dim.unwrap_or(p.hidden_size))
+            })
+            .min()
+            .unwrap_or(0);
+        if self.lora_rank > narrowest {
+            return Err(format!(
+                "`lora_rank` = {} exceeds the narrowest attention width of the UNet ({narrowest}): a LoRA cannot have a higher rank than its layer",
+                self.lora_rank
+            ));
+        }
         let want = self.clone().for_unet(unet).map_err(|e| e.to_string())?;
         if want.processors != self.processors {
             return Err(format!(
@@ -122,6 +182,11 @@ impl AdapterSpec {
         Ok(())
     }
 }
+
+/// Upper bound of any single adapter size (rank, width, depth, token count): far above every
+/// real architecture, low enough that no product of a few of them overflows or exhausts memory
+/// unnoticed.
+pub const MAX_SIZE: usize = 1 << 16;
 
 /// Number of processors named in `keys` (`ip_adapter.{i}.…`): the largest index + 1.
 pub fn processor_count(keys: &[String]) -> usize {

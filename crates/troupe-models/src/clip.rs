@@ -503,6 +503,13 @@ impl ClipVisionModel {
         sd.linear(&mut self.visual_projection, "visual_projection");
     }
 
+    /// The input side in pixels: `patch × √(positions − 1)`.
+    pub fn image_size(&self) -> usize {
+        let positions = self.position_embedding.weight.lazy_shape().dims::<2>()[0];
+        let patch = self.patch_embedding.weight.lazy_shape().dims::<4>()[2];
+        patch * ((positions.saturating_sub(1)) as f64).sqrt().round() as usize
+    }
+
     /// Width of the hidden states (`hidden_size`, 1280 for ViT-H/14).
     pub fn hidden_size(&self) -> usize {
         self.class_embedding.val().dims()[0]

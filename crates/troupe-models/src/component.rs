@@ -86,14 +86,21 @@ pub fn forward(
                 };
                 unet.load_adapter(&mut sd, prefix, device)?;
             }
-            let text_embeds = optional(inputs, "text_embeds", device)?;
-            let time_ids = optional(inputs, "time_ids", device)?;
+            let channels = unet.conv_in.weight.lazy_shape().dims::<4>()[1];
+            let cross = unet.processors().iter().find_map(|p| p.cross_attention_dim);
+            let sample = input(inputs, "sample", [None, Some(channels), None, None], device)?;
+            let b = Some(sample.dims()[0]);
             let input = UNetInput {
-                sample: inputs.take_any("sample", device)?,
-                timestep: inputs.take_any("timestep", device)?,
-                encoder_hidden_states: inputs.take_any("encoder_hidden_states", device)?,
-                text_embeds,
-                time_ids,
+                timestep: input(inputs, "timestep", [b], device)?,
+                encoder_hidden_states: input(
+                    inputs,
+                    "encoder_hidden_states",
+                    [b, None, cross],
+                    device,
+                )?,
+                text_embeds: optional(inputs, "text_embeds", [b, None], device)?,
+                time_ids: optional(inputs, "time_ids", [b, None], device)?,
+                sample,
             };
             if unet.add_embedding.is_some()
                 && (input.text_embeds.is_none() || input.time_ids.is_none())
@@ -114,7 +121,19 @@ pub fn forward(
         }
         Component::TextEncoder | Component::TextEncoder2 => {
             let (te, _) = ClipTextModel::from_dir(model, device, f32)?;
-            let out = te.forward(inputs.take_int("input_ids", device)?);
+            let positions = te.position_embedding.weight.lazy_shape().dims::<2>()[0];
+            let ids = match inputs.shape("input_ids") {
+                Some([_, n]) if *n <= positions => inputs.take_int("input_ids", device)?,
+                other => {
+                    return Err(bad_input(
+                        inputs,
+                        "input_ids",
+                        other,
+                        &format!("[batch, ≤ {positions}]"),
+                    ));
+                }
+            };
+            let out = te.forward(ids);
             let mut v = vec![
                 (
                     "last_hidden_state".to_string(),
@@ -133,7 +152,14 @@ pub fn forward(
         }
         Component::ImageEncoder => {
             let (enc, _) = ClipVisionModel::from_dir(model, device, f32)?;
-            let out = enc.forward(inputs.take_any("pixel_values", device)?);
+            let side = enc.image_size();
+            let pixels = input(
+                inputs,
+                "pixel_values",
+                [None, Some(3), Some(side), Some(side)],
+                device,
+            )?;
+            let out = enc.forward(pixels);
             vec![
                 (
                     "penultimate_hidden_state".to_string(),
@@ -144,12 +170,26 @@ pub fn forward(
         }
         Component::VaeEncoder => {
             let (vae, _) = AutoencoderKL::from_dir(model, device, f32)?;
-            let mean = vae.encode_mean(inputs.take_any("pixel_values", device)?);
+            let channels = vae.encoder.conv_in.weight.lazy_shape().dims::<4>()[1];
+            let pixels = input(
+                inputs,
+                "pixel_values",
+                [None, Some(channels), None, None],
+                device,
+            )?;
+            let mean = vae.encode_mean(pixels);
             vec![("latent_mean".to_string(), to_host(mean))]
         }
         Component::VaeDecoder => {
             let (vae, _) = AutoencoderKL::from_dir(model, device, f32)?;
-            let sample = vae.decode(inputs.take_any("latents", device)?);
+            let channels = vae.latent_channels();
+            let latents = input(
+                inputs,
+                "latents",
+                [None, Some(channels), None, None],
+                device,
+            )?;
+            let sample = vae.decode(latents);
             vec![("sample".to_string(), to_host(sample))]
         }
         Component::Ppr => {
@@ -159,10 +199,17 @@ pub fn forward(
             let mut ppr = config.init(device);
             ppr.load(&mut sd, prefix);
             sd.finish_part("PPR (faceid_plus)")?;
+            let id = input(
+                inputs,
+                "id_embeds",
+                [None, Some(config.id_embeddings_dim)],
+                device,
+            )?;
+            let clip = Some(config.clip_embeddings_dim);
             let tokens = ppr.forward(
-                inputs.take_any("id_embeds", device)?,
-                inputs.take_any("clip_char", device)?,
-                inputs.take_any("clip_face", device)?,
+                id,
+                input(inputs, "clip_char", [None, None, clip], device)?,
+                input(inputs, "clip_face", [None, None, clip], device)?,
             );
             vec![("tokens".to_string(), to_host(tokens))]
         }
@@ -170,14 +217,52 @@ pub fn forward(
     Ok(out)
 }
 
-/// Takes `key` if the inputs have it.
+/// Takes input `key` after checking its shape against `want` (`None`: any size).
+fn input<const D: usize>(
+    inputs: &mut StateDict,
+    key: &str,
+    want: [Option<usize>; D],
+    device: &Device,
+) -> Result<Tensor<D>, ModelError> {
+    let shape = inputs.shape(key);
+    let fits = shape.is_some_and(|s| {
+        s.len() == D && s.iter().zip(&want).all(|(n, w)| w.is_none_or(|w| *n == w))
+    });
+    if !fits && shape.is_some() {
+        let expected: Vec<String> = want
+            .iter()
+            .map(|w| w.map_or("any".into(), |w| w.to_string()))
+            .collect();
+        return Err(bad_input(
+            inputs,
+            key,
+            shape,
+            &format!("[{}]", expected.join(", ")),
+        ));
+    }
+    Ok(inputs.take_any(key, device)?)
+}
+
+/// The error for input `key` of shape `got` (`None`: absent) where `expected` was wanted.
+fn bad_input(inputs: &StateDict, key: &str, got: Option<&[usize]>, expected: &str) -> ModelError {
+    let got = got.map_or("absent".to_string(), |s| format!("{s:?}"));
+    ConfigError::new(
+        inputs.path(),
+        key,
+        format!("has shape {got}, expected {expected}"),
+    )
+    .into()
+}
+
+/// Takes `key` (checked as [`input`]) if the inputs have it.
 fn optional<const D: usize>(
     inputs: &mut StateDict,
     key: &str,
+    want: [Option<usize>; D],
     device: &Device,
-) -> Result<Option<Tensor<D>>, WeightError> {
+) -> Result<Option<Tensor<D>>, ModelError> {
     if inputs.shape(key).is_some() {
-        inputs.take_any(key, device).map(Some)
+        input(inputs, key, want, device).map(Some)
     } else {
         Ok(None)
     }

@@ -479,9 +479,13 @@ impl TrainConfig {
             "train.adamw.beta2",
             "must be in [0, 1)",
         )?;
-        check(a.eps > 0.0, "train.adamw.eps", "must be > 0")?;
         check(
-            a.weight_decay >= 0.0,
+            a.eps > 0.0 && a.eps.is_finite(),
+            "train.adamw.eps",
+            "must be a positive number",
+        )?;
+        check(
+            a.weight_decay >= 0.0 && a.weight_decay.is_finite(),
             "train.adamw.weight_decay",
             "must be ≥ 0",
         )?;
@@ -498,7 +502,22 @@ impl TrainConfig {
             "model.max_characters",
             "must be 1, 2 or 3",
         )?;
-        check(m.ppr_dim_head > 0, "model.ppr_dim_head", "must be > 0")?;
+        for (key, v) in [
+            ("model.ppr_dim_head", m.ppr_dim_head),
+            ("model.ppr_depth", m.ppr_depth),
+            ("model.ppr_num_tokens", m.ppr_num_tokens),
+            ("model.ppr_num_queries", m.ppr_num_queries),
+        ] {
+            check(v > 0, key, "must be > 0")?;
+        }
+        // Sizes the PPR is built from are checked with the encoder widths at load time
+        // (`AdapterSpec::validate`); these bounds keep allocations sane before that.
+        check(m.ppr_depth <= 64, "model.ppr_depth", "must be ≤ 64")?;
+        check(
+            m.ppr_num_tokens <= 1024 && m.ppr_num_queries <= 1024,
+            "model.ppr_num_tokens / ppr_num_queries",
+            "must be ≤ 1024",
+        )?;
         let d = &self.data;
         check(
             !d.shards.is_empty(),
@@ -506,6 +525,16 @@ impl TrainConfig {
             "must name at least one shard or folder",
         )?;
         check(d.shuffle_window > 0, "data.shuffle_window", "must be > 0")?;
+        check(
+            d.shuffle_window <= 1 << 24,
+            "data.shuffle_window",
+            "must be ≤ 16777216 rows",
+        )?;
+        check(
+            d.workers <= MAX_WORKERS,
+            "data.workers",
+            &format!("must be ≤ {MAX_WORKERS} (0 = one per core)"),
+        )?;
         check(
             matches!(d.on_bad_row.as_str(), "fail" | "skip"),
             "data.on_bad_row",
@@ -516,6 +545,12 @@ impl TrainConfig {
                 r >= 16 && r % 16 == 0,
                 "data.resolution",
                 "must be a multiple of 16, ≥ 16",
+            )?;
+            // 4096² RGB f32 is 200 MB per sample before the model sees it; SDXL trains at ~1024.
+            check(
+                r <= MAX_RESOLUTION,
+                "data.resolution",
+                &format!("must be ≤ {MAX_RESOLUTION}"),
             )?;
         }
         let o = &self.objective;
@@ -601,6 +636,12 @@ impl TrainConfig {
 }
 
 /// Applies one `a.b.c=value` override to a TOML table.
+/// Largest `data.workers` (decoding threads).
+pub const MAX_WORKERS: usize = 1024;
+
+/// Largest `data.resolution` (pixels a side).
+pub const MAX_RESOLUTION: u32 = 4096;
+
 /// Config keys (and tables) a resume may change: how long to go on, how often to log, check
 /// and sample, and the learning-rate schedule's shape ahead.
 pub const RESUMABLE_KEYS: &[&str] = &[

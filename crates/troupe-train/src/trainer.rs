@@ -263,6 +263,13 @@ impl Run {
             };
             (AdamW::new(config.train.adamw), loader, state)
         };
+        let (most, at) = loader.most_characters();
+        if most > config.model.max_characters {
+            bail!(
+                "{at}: {most} characters, but `model.max_characters` = {}: raise it (the adapter gets a slot per character) or leave such rows out",
+                config.model.max_characters
+            );
+        }
         // After loading: parameters are replaced in place, under the same ids.
         let mut names = ParamNames::default();
         for (group, params) in adapter.param_groups() {
