@@ -522,3 +522,36 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+#[test]
+fn a_second_writer_of_a_run_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let dir = format!("run.dir={}", run.display());
+    let mut first = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .current_dir(root())
+        .args(["train", "--config", "configs/tiny.toml", "--set", &dir])
+        .args([
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "samples.every_steps=0",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first run holds the lock (its config is written after locking).
+    let started = std::time::Instant::now();
+    while !run.join("config.toml").is_file() && started.elapsed().as_secs() < 60 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = troupe(&["train", "--resume", run.to_str().unwrap()], &[]);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("in use by troupe pid") && stderr.contains(&first.id().to_string()),
+        "{stderr}"
+    );
+}

@@ -441,6 +441,11 @@ impl TrainConfig {
                 Err(format!("`{key}` {what}"))
             }
         };
+        check(
+            !self.run.dir.as_os_str().is_empty(),
+            "run.dir",
+            "must name a folder (it is empty)",
+        )?;
         check(t.max_steps > 0, "train.max_steps", "must be > 0")?;
         check(t.batch_size > 0, "train.batch_size", "must be > 0")?;
         check(t.grad_accum > 0, "train.grad_accum", "must be > 0")?;

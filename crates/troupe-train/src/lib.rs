@@ -20,6 +20,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod lock;
 pub mod losses;
 pub mod objective;
 pub mod optim;

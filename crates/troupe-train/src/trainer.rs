@@ -26,6 +26,7 @@ use troupe_models::unet::UNet2DConditionModel;
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::TrainConfig;
+use crate::lock::RunLock;
 use crate::objective::{StepNoise, forward};
 use crate::optim::{AdamW, LearningRates, ParamNames, clip_grad_norm};
 use crate::pretrained::init_from_pretrained;
@@ -67,12 +68,13 @@ pub const CONFIG_FILE: &str = "config.toml";
 /// continues it instead.
 pub fn train(config: TrainConfig, stop: Arc<AtomicBool>) -> Result<Outcome> {
     let dir = config.run.dir.clone();
+    let lock = RunLock::acquire(&dir)?;
     if !checkpoint::list(&dir)?.is_empty() {
         // Same config as the run on disk: continue it (a finished run returns at once).
         let saved = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap_or_default();
         if saved == config.to_toml() {
             eprintln!("{} already holds this run: continuing it", dir.display());
-            return run(config, true, stop);
+            return run(config, true, stop, lock);
         }
         bail!(
             "{} holds checkpoints of a run with a different config: continue it with `troupe train --resume {}`, or choose another `run.dir`",
@@ -80,9 +82,10 @@ pub fn train(config: TrainConfig, stop: Arc<AtomicBool>) -> Result<Outcome> {
             dir.display()
         );
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(CONFIG_FILE), config.to_toml())?;
-    run(config, false, stop)
+    let path = dir.join(CONFIG_FILE);
+    crate::checkpoint::write_atomic(&path, config.to_toml().as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    run(config, false, stop, lock)
 }
 
 /// Continues the run in `run_dir` (wherever its config says it was) from its newest complete
@@ -93,6 +96,7 @@ pub fn resume(run_dir: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Re
     let path = run_dir.join(CONFIG_FILE);
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let lock = RunLock::acquire(run_dir)?;
     let shown = path.display().to_string();
     let (config, changes) = TrainConfig::for_resume(&text, &shown, run_dir, overrides)?;
     if !changes.is_empty() {
@@ -115,7 +119,7 @@ pub fn resume(run_dir: &Path, overrides: &[String], stop: Arc<AtomicBool>) -> Re
         crate::checkpoint::write_atomic(&path, resolved.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    run(config, true, stop)
+    run(config, true, stop, lock)
 }
 
 /// The loader settings of a run (also used for its validation batches).
@@ -495,7 +499,13 @@ impl Run {
     }
 }
 
-fn run(config: TrainConfig, resuming: bool, stop: Arc<AtomicBool>) -> Result<Outcome> {
+/// Trains `config` to its end while holding the run directory's `lock`.
+fn run(
+    config: TrainConfig,
+    resuming: bool,
+    stop: Arc<AtomicBool>,
+    _lock: RunLock,
+) -> Result<Outcome> {
     let mut run = Run::set_up(config, resuming)?;
     // Fault injection for the resume tests: die like `kill -9` (no unwinding, no cleanup).
     let crash_after: Option<u64> = std::env::var("TROUPE_CRASH_AFTER_STEP")
