@@ -78,8 +78,9 @@ pub fn adapter_file(source: &Path) -> Result<PathBuf> {
 
 pub fn export(args: ExportArgs) -> Result<ExitCode> {
     let file = AdapterFile::read(&adapter_file(&args.source)?)?;
-    // The architecture travels with every export (inferred for files that lack it).
-    let spec = file.spec()?;
+    // The architecture travels with every export (inferred for files that lack it); the
+    // tensors must match it exactly and be finite.
+    let spec = file.verify()?;
     let format = match args.format {
         FormatArg::Safetensors => AdapterFormat::Safetensors,
         FormatArg::StorymakerBin => AdapterFormat::StorymakerBin,

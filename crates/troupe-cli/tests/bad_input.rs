@@ -189,6 +189,60 @@ const CASES: &[Case] = &[
         args: train_with!("train.device=\"tpu\""),
         names: &["train.device", "tpu"],
     },
+    // Adapter files that do not match their architecture (inspect, export, sample).
+    Case {
+        args: &["inspect", "{tmp}/extra.safetensors"],
+        names: &["extra.safetensors", "ip_adapter.0.surplus"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/missing.safetensors"],
+        names: &["missing.safetensors", "ip_adapter.1.to_v_lora.up.weight"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/shape.safetensors"],
+        names: &["shape.safetensors", "ip_adapter.2.to_out_lora.down.weight"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/nan.safetensors"],
+        names: &[
+            "nan.safetensors",
+            "image_proj_model.pos_embed",
+            "non-finite",
+        ],
+    },
+    Case {
+        args: &["inspect", "{tmp}/int.safetensors"],
+        names: &["int.safetensors", "integer"],
+    },
+    Case {
+        args: &[
+            "export",
+            "{tmp}/missing.safetensors",
+            "--out",
+            "{tmp}/out.bin",
+            "--format",
+            "storymaker-bin",
+        ],
+        names: &["ip_adapter.1.to_v_lora.up.weight"],
+    },
+    Case {
+        args: &[
+            "export",
+            "{tmp}/nan.safetensors",
+            "--out",
+            "{tmp}/out.safetensors",
+        ],
+        names: &["non-finite"],
+    },
+    Case {
+        args: &[
+            "export",
+            "{tmp}/shape.safetensors",
+            "--out",
+            "{tmp}/out.safetensors",
+        ],
+        names: &["to_out_lora.down.weight"],
+    },
     // Debug commands on inputs of the wrong shape.
     Case {
         args: &[
@@ -242,6 +296,68 @@ fn unet_inputs(path: &Path, channels: usize, width: usize) {
     write_safetensors(path, &tensors, None).unwrap();
 }
 
+/// A fresh tiny adapter and damaged copies of it in `dir`: an extra tensor, a missing one, a
+/// wrong shape, a NaN and an integer tensor.
+fn damaged_adapters(dir: &Path) {
+    let fresh = dir.join("fresh.safetensors");
+    common::adapter_for(&common::root().join(UNET_TINY), &fresh);
+    let bytes = std::fs::read(&fresh).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let metadata = meta.metadata().clone();
+    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = file
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    let write =
+        |name: &str, edit: &dyn Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)| {
+            let mut t = tensors.clone();
+            edit(&mut t);
+            let views: Vec<(String, safetensors::tensor::TensorView)> = t
+                .iter()
+                .map(|(k, d, s, b)| {
+                    (
+                        k.clone(),
+                        safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                    )
+                })
+                .collect();
+            safetensors::serialize_to_file(views, metadata.clone(), &dir.join(name)).unwrap();
+        };
+    use safetensors::Dtype::{F32, I64};
+    write("extra.safetensors", &|t| {
+        t.push(("ip_adapter.0.surplus".into(), F32, vec![1], vec![0; 4]))
+    });
+    write("missing.safetensors", &|t| {
+        t.retain(|(k, ..)| k != "ip_adapter.1.to_v_lora.up.weight")
+    });
+    write("shape.safetensors", &|t| {
+        let e = t
+            .iter_mut()
+            .find(|(k, ..)| k == "ip_adapter.2.to_out_lora.down.weight")
+            .unwrap();
+        let n = e.2.iter().product::<usize>();
+        e.2 = vec![n];
+    });
+    write("nan.safetensors", &|t| {
+        let e = t
+            .iter_mut()
+            .find(|(k, ..)| k == "image_proj_model.pos_embed")
+            .unwrap();
+        e.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    write("int.safetensors", &|t| {
+        let e = t
+            .iter_mut()
+            .find(|(k, ..)| k == "image_proj_model.pos_embed")
+            .unwrap();
+        e.1 = I64;
+        let n = e.2.iter().product::<usize>();
+        e.3 = vec![0; n * 8];
+    });
+}
+
 /// Files left half-written under `dir` (`*.partial`, temporary folders).
 fn leftovers(dir: &Path) -> Vec<String> {
     let mut out = Vec::new();
@@ -265,6 +381,7 @@ fn every_bad_input_is_refused_by_name_without_a_panic() {
         let dir = tmp.path().display().to_string();
         unet_inputs(&tmp.path().join("wrong_channels.safetensors"), 3, 32);
         unet_inputs(&tmp.path().join("wrong_context.safetensors"), 4, 31);
+        damaged_adapters(tmp.path());
         let args: Vec<String> = case.args.iter().map(|a| a.replace("{tmp}", &dir)).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = troupe(&args);

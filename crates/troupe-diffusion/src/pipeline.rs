@@ -112,7 +112,7 @@ impl Pipeline {
         let encoders = Encoders::load(base, image_encoder, Precision::F32, device)?;
         let unet_dir = base.join("unet");
         let (unet, _) = UNet2DConditionModel::from_dir(&unet_dir, device, Some(DType::F32))?;
-        let spec = adapter.spec()?;
+        let spec = adapter.verify()?;
         let file = adapter.path.display().to_string();
         let clip_dim = encoders.image_encoder.hidden_size();
         if spec.ppr.clip_embeddings_dim != clip_dim {

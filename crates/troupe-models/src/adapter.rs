@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ConfigError;
 use crate::ppr::{FaceIdPlus, FaceIdPlusConfig};
 use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use crate::weights::{StateDict, WeightError};
+use std::collections::BTreeMap;
+
+use crate::weights::{ShapeMismatch, StateDict, WeightError};
 
 /// Metadata key holding the [`AdapterSpec`] as JSON.
 pub const SPEC_METADATA: &str = "troupe.adapter";
@@ -187,6 +189,72 @@ impl AdapterSpec {
 /// real architecture, low enough that no product of a few of them overflows or exhausts memory
 /// unnoticed.
 pub const MAX_SIZE: usize = 1 << 16;
+
+/// Compares the tensors of an adapter file (`shapes`: key → shape, export layout) with the
+/// processors `spec` declares: for each `ip_adapter.{i}`, the four LoRA pairs at the spec's
+/// rank with one hidden width, and the image projections (both or neither) from the spec's
+/// cross-attention width. The PPR (`image_proj_model.*`) is not looked at here. Returns the
+/// missing keys, the unexpected ones and the shape mismatches.
+pub fn check_processor_layout(
+    spec: &AdapterSpec,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> (Vec<String>, Vec<String>, Vec<ShapeMismatch>) {
+    let (mut missing, mut unexpected, mut wrong) = (Vec::new(), Vec::new(), Vec::new());
+    let r = spec.lora_rank;
+    let mut expected = BTreeMap::new();
+    for i in 0..spec.processors {
+        let key = |name: &str| format!("ip_adapter.{i}.{name}");
+        // The hidden width `h` and key/value input width come from the file's `to_q` and
+        // `to_k` LoRA; everything else must agree with them and with the spec.
+        let h = shapes
+            .get(&key("to_q_lora.up.weight"))
+            .and_then(|s| s.first().copied());
+        let kv = shapes
+            .get(&key("to_k_lora.down.weight"))
+            .and_then(|s| s.get(1).copied());
+        let (Some(h), Some(kv)) = (h, kv) else {
+            missing.push(key(if h.is_none() {
+                "to_q_lora.up.weight"
+            } else {
+                "to_k_lora.down.weight"
+            }));
+            continue;
+        };
+        for (name, in_dim) in [
+            ("to_q_lora", h),
+            ("to_k_lora", kv),
+            ("to_v_lora", kv),
+            ("to_out_lora", h),
+        ] {
+            expected.insert(key(&format!("{name}.down.weight")), vec![r, in_dim]);
+            expected.insert(key(&format!("{name}.up.weight")), vec![h, r]);
+        }
+        if shapes.contains_key(&key("to_k_ip.weight"))
+            || shapes.contains_key(&key("to_v_ip.weight"))
+        {
+            let cross = spec.ppr.cross_attention_dim;
+            expected.insert(key("to_k_ip.weight"), vec![h, cross]);
+            expected.insert(key("to_v_ip.weight"), vec![h, cross]);
+        }
+    }
+    for (k, want) in &expected {
+        match shapes.get(k) {
+            None => missing.push(k.clone()),
+            Some(found) if found != want => wrong.push(ShapeMismatch {
+                key: k.clone(),
+                expected: want.clone(),
+                found: found.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    for k in shapes.keys() {
+        if k.starts_with("ip_adapter.") && !expected.contains_key(k) && !missing.contains(k) {
+            unexpected.push(k.clone());
+        }
+    }
+    (missing, unexpected, wrong)
+}
 
 /// Number of processors named in `keys` (`ip_adapter.{i}.…`): the largest index + 1.
 pub fn processor_count(keys: &[String]) -> usize {

@@ -11,13 +11,13 @@
 //! Reading accepts both, plus the public IP-Adapter `.bin` layout (`image_proj` instead of
 //! `image_proj_model`), through `troupe-pt`, which never executes pickle code.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use troupe_pt::{DType, Tensor, Value};
 
-use crate::adapter::AdapterSpec;
-use crate::weights::{StateDict, WeightError, to_host, write_safetensors};
+use crate::adapter::{AdapterSpec, check_processor_layout};
+use crate::weights::{StateDict, StoredDType, WeightError, to_host, write_safetensors};
 
 /// Tensors in the export layout and the metadata strings of one file.
 type Contents = (Vec<(String, Tensor)>, HashMap<String, String>);
@@ -156,6 +156,75 @@ impl AdapterFile {
     pub fn spec(&self) -> Result<AdapterSpec, WeightError> {
         AdapterSpec::from_state_dict(&self.state_dict()?)
     }
+
+    /// The architecture, after checking the file against it: every size valid, the PPR and
+    /// each processor with exactly the tensors and shapes the architecture needs, every value
+    /// finite. Every problem is listed, naming its key.
+    pub fn verify(&self) -> Result<AdapterSpec, WeightError> {
+        let spec = self.spec()?;
+        spec.validate()
+            .map_err(|m| format_error(&self.path, format!("architecture: {m}")))?;
+        let shapes: BTreeMap<String, Vec<usize>> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| (k.clone(), t.shape.clone()))
+            .collect();
+        let (mut missing, mut unexpected, mut wrong) = check_processor_layout(&spec, &shapes);
+        // The PPR: load its tensors into a lazy module, checking names and shapes only.
+        let ppr: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with("image_proj_model."))
+            .cloned()
+            .collect();
+        let mut sd = StateDict::from_tensors(&ppr)?.check_only();
+        spec.ppr
+            .init(&burn::prelude::Device::flex())
+            .load(&mut sd, "image_proj_model");
+        if let Err(WeightError::Keys {
+            missing: m,
+            shapes: w,
+            ..
+        }) = sd.finish_part("PPR (faceid_plus)")
+        {
+            missing.extend(m);
+            wrong.extend(w);
+        }
+        unexpected.extend(sd.keys());
+        unexpected.extend(
+            shapes
+                .keys()
+                .filter(|k| !k.starts_with("image_proj_model.") && !k.starts_with("ip_adapter."))
+                .cloned(),
+        );
+        if !(missing.is_empty() && unexpected.is_empty() && wrong.is_empty()) {
+            return Err(WeightError::Keys {
+                path: self.path.display().to_string(),
+                module: format!(
+                    "adapter it declares ({} processors, rank {})",
+                    spec.processors, spec.lora_rank
+                ),
+                missing,
+                unexpected,
+                shapes: wrong,
+            });
+        }
+        for (key, t) in &self.tensors {
+            let values = t
+                .to_f32_vec()
+                .map_err(|e| format_error(&self.path, format!("`{key}`: {e}")))?;
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                return Err(format_error(
+                    &self.path,
+                    format!(
+                        "`{key}` holds a non-finite value ({}) at element {i}",
+                        values[i]
+                    ),
+                ));
+            }
+        }
+        Ok(spec)
+    }
 }
 
 fn read_safetensors(path: &Path) -> Result<Contents, WeightError> {
@@ -164,6 +233,15 @@ fn read_safetensors(path: &Path) -> Result<Contents, WeightError> {
     let device = burn::prelude::Device::flex();
     let mut out = Vec::new();
     for key in sd.keys() {
+        if let Some(d @ (StoredDType::I32 | StoredDType::I64)) = sd.stored_dtype(&key) {
+            return Err(format_error(
+                path,
+                format!(
+                    "`{key}` is an integer tensor ({}); adapter weights are floats",
+                    d.name()
+                ),
+            ));
+        }
         let rank = sd.shape(&key).map_or(0, <[usize]>::len);
         let t = match rank {
             1 => to_host(sd.take_any::<1>(&key, &device)?),
@@ -198,6 +276,15 @@ fn read_bin(path: &Path) -> Result<Contents, WeightError> {
                     format!("`{group}` holds a non-tensor entry"),
                 ));
             };
+            if !matches!(t.dtype, DType::F64 | DType::F32 | DType::F16 | DType::BF16) {
+                return Err(format_error(
+                    path,
+                    format!(
+                        "`{group}.{k}` is a {:?} tensor; adapter weights are floats",
+                        t.dtype
+                    ),
+                ));
+            }
             let t = t
                 .to_float_dtype(DType::F32)
                 .map_err(|e| format_error(path, format!("`{group}.{k}`: {e}")))?;

@@ -477,7 +477,17 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, ModelError> {
 }
 
 fn inspect_adapter(path: &Path) -> Result<Inspection, ModelError> {
-    let mut sd = StateDict::from_file(path)?.check_only();
+    // The file must match the architecture it declares (or that its shapes imply).
+    let file = crate::adapter_file::AdapterFile::read(path)?;
+    file.verify()?;
+    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+    // A torch zip (`mask.bin`) has no safetensors header: inspect the tensors read from it.
+    let sd = if is_safetensors {
+        StateDict::from_file(path)?
+    } else {
+        file.state_dict()?
+    };
+    let mut sd = sd.check_only();
     let dtypes = sd.dtype_counts();
     let keys = sd.keys();
     let mut config = Vec::new();

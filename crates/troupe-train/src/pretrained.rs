@@ -45,12 +45,12 @@ pub fn init_from_pretrained(
             }
         }
     }
-    let mut taken = 0usize;
+    let mut taken = std::collections::BTreeSet::new();
     for (key, t, file) in wanted {
         match merged.get_mut(&key) {
             Some(slot) if slot.shape == t.shape => {
                 *slot = t;
-                taken += 1;
+                taken.insert(key);
             }
             Some(slot) => bail!(
                 "{}: `{key}` has shape {:?}, the adapter needs {:?} (check model.lora_rank and the base model)",
@@ -61,9 +61,42 @@ pub fn init_from_pretrained(
             None => ignored += 1,
         }
     }
+    // Every tensor a checkpoint is meant to provide must come from it: a gap would silently
+    // keep its fresh value.
+    let mut sources: Vec<(&Path, Vec<&str>)> = Vec::new();
+    if let Some(path) = faceid {
+        sources.push((
+            path,
+            vec![
+                "ip_adapter.",
+                "image_proj_model.proj.",
+                "image_proj_model.norm.",
+                "image_proj_model.perceiver_resampler.",
+            ],
+        ));
+    }
+    if let Some(path) = ip_plus {
+        sources.push((path, vec!["image_proj_model.resample."]));
+    }
+    for (path, prefixes) in sources {
+        let gaps: Vec<&String> = merged
+            .keys()
+            .filter(|k| prefixes.iter().any(|p| k.starts_with(p)) && !taken.contains(*k))
+            .collect();
+        if !gaps.is_empty() {
+            let shown: Vec<&str> = gaps.iter().take(10).map(|k| k.as_str()).collect();
+            bail!(
+                "{}: lacks {} tensor(s) the adapter takes from it, e.g. {}",
+                path.display(),
+                gaps.len(),
+                shown.join(", ")
+            );
+        }
+    }
+    let count = taken.len();
     let tensors: Vec<(String, troupe_pt::Tensor)> = merged.into_iter().collect();
     adapter.load_tensors(StateDict::from_tensors(&tensors)?)?;
     Ok(format!(
-        "initialised {taken} tensors from pretrained checkpoints ({ignored} not used)"
+        "initialised {count} tensors from pretrained checkpoints ({ignored} not used)"
     ))
 }

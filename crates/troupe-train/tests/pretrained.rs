@@ -119,3 +119,34 @@ fn faceid_plus_v2_and_ip_plus_checkpoints_map_as_the_reference() {
         );
     }
 }
+
+#[test]
+fn a_checkpoint_missing_a_tensor_it_should_provide_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut plus: Vec<(String, Tensor)> = tiny(7)
+        .tensors()
+        .into_iter()
+        .filter_map(|(k, t)| {
+            let name = k.strip_prefix("image_proj_model.resample.")?;
+            Some((format!("image_proj_model.{name}"), t))
+        })
+        .collect();
+    plus.retain(|(k, _)| k != "image_proj_model.latents");
+    let path = tmp.path().join("plus.safetensors");
+    write_adapter(
+        &path,
+        &plus,
+        AdapterFormat::Safetensors,
+        ExportDType::F32,
+        HashMap::new(),
+    )
+    .unwrap();
+    let mut adapter = tiny(1);
+    let e = init_from_pretrained(&mut adapter, None, Some(&path))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("plus.safetensors") && e.contains("image_proj_model.resample.latents"),
+        "{e}"
+    );
+}
