@@ -296,6 +296,9 @@ fn unet_inputs(path: &Path, channels: usize, width: usize) {
     write_safetensors(path, &tensors, None).unwrap();
 }
 
+/// A stored tensor: key, dtype, shape, bytes.
+type Raw = (String, safetensors::Dtype, Vec<usize>, Vec<u8>);
+
 /// A fresh tiny adapter and damaged copies of it in `dir`: an extra tensor, a missing one, a
 /// wrong shape, a NaN and an integer tensor.
 fn damaged_adapters(dir: &Path) {
@@ -305,26 +308,25 @@ fn damaged_adapters(dir: &Path) {
     let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let metadata = meta.metadata().clone();
-    let tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = file
+    let tensors: Vec<Raw> = file
         .tensors()
         .into_iter()
         .map(|(k, v)| (k, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
         .collect();
-    let write =
-        |name: &str, edit: &dyn Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)| {
-            let mut t = tensors.clone();
-            edit(&mut t);
-            let views: Vec<(String, safetensors::tensor::TensorView)> = t
-                .iter()
-                .map(|(k, d, s, b)| {
-                    (
-                        k.clone(),
-                        safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-                    )
-                })
-                .collect();
-            safetensors::serialize_to_file(views, metadata.clone(), &dir.join(name)).unwrap();
-        };
+    let write = |name: &str, edit: &dyn Fn(&mut Vec<Raw>)| {
+        let mut t = tensors.clone();
+        edit(&mut t);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = t
+            .iter()
+            .map(|(k, d, s, b)| {
+                (
+                    k.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, metadata.clone(), &dir.join(name)).unwrap();
+    };
     use safetensors::Dtype::{F32, I64};
     write("extra.safetensors", &|t| {
         t.push(("ip_adapter.0.surplus".into(), F32, vec![1], vec![0; 4]))
