@@ -385,3 +385,64 @@ fn skipping_every_row_is_an_error_not_a_hang() {
     );
     assert_eq!(err.at.file, path);
 }
+
+#[test]
+fn pack_refuses_duplicate_ids_and_malformed_identities_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    let manifest = write_manifest_dataset(&src, &varied_rows(3));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pack = |edit: &dyn Fn(&mut Vec<serde_json::Value>)| {
+        let mut l = lines.clone();
+        edit(&mut l);
+        let text: Vec<String> = l.iter().map(|v| v.to_string()).collect();
+        std::fs::write(&manifest, text.join("\n")).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        pack_manifest(
+            &manifest,
+            out.path(),
+            ShardWriterOptions::default(),
+            OnBadLine::Fail,
+            DecodeLimits::default(),
+        )
+        .unwrap_err()
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+    };
+    let e = pack(&|l| {
+        l[0]["id"] = "same".into();
+        l[2]["id"] = "same".into();
+    });
+    assert!(
+        e[0].contains("line 3") && e[0].contains("duplicate id `same`") && e[0].contains("line 1"),
+        "{e:?}"
+    );
+    let e = pack(&|l| l[1]["characters"][0]["embedding"] = serde_json::json!({"a": 1}));
+    assert!(
+        e[0].contains("characters[0].embedding") && e[0].contains("512 numbers"),
+        "{e:?}"
+    );
+    let e = pack(&|l| l[1]["characters"][0]["keypoints"] = "nose".into());
+    assert!(e[0].contains("characters[0].keypoints"), "{e:?}");
+    // An .npy of the right count but the wrong shape, and one with bytes after its data.
+    let npy = src.join("img/0000_0.npy");
+    std::fs::write(&npy, troupe_tests::npy_f32(&embedding(0), "(2, 256)")).unwrap();
+    let e = pack(&|_| {});
+    assert!(
+        e[0].contains("0000_0.npy") && e[0].contains("[2, 256]"),
+        "{e:?}"
+    );
+    let mut longer = troupe_tests::npy_f32(&embedding(0), "(512,)");
+    longer.extend_from_slice(&[0; 8]);
+    std::fs::write(&npy, longer).unwrap();
+    let e = pack(&|_| {});
+    assert!(
+        e[0].contains("0000_0.npy") && e[0].contains("bytes"),
+        "{e:?}"
+    );
+}

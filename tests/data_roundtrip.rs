@@ -3,7 +3,7 @@
 use troupe_data::check::check_shards;
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{Loader, LoaderConfig};
-use troupe_data::pack::{OnBadLine, PackReport, pack_manifest, read_npy_f32};
+use troupe_data::pack::{OnBadLine, PackReport, pack_manifest, read_embedding_npy, read_npy_f32};
 use troupe_data::plan::SizeRule;
 use troupe_data::recipe::{Dropout, RecipeConfig};
 use troupe_data::shard::{ShardReader, ShardWriterOptions, find_shards};
@@ -42,9 +42,36 @@ fn packed(
 #[test]
 fn npy_float32_and_float64_read_exactly() {
     let v = [0.5f32, -1.25, 3.0];
-    assert_eq!(read_npy_f32(&npy_f32(&v, "(1, 3)")).unwrap(), v);
+    assert_eq!(
+        read_npy_f32(&npy_f32(&v, "(1, 3)")).unwrap(),
+        (vec![1, 3], v.to_vec())
+    );
     let f64s: Vec<u8> = v.iter().flat_map(|x| (*x as f64).to_le_bytes()).collect();
-    assert_eq!(read_npy_f32(&npy("<f8", "(3,)", &f64s)).unwrap(), v);
+    assert_eq!(
+        read_npy_f32(&npy("<f8", "(3,)", &f64s)).unwrap(),
+        (vec![3], v.to_vec())
+    );
+    // Data that does not fill the shape exactly, either way, is refused.
+    let mut longer = npy_f32(&v, "(3,)");
+    longer.extend_from_slice(&[0, 0, 0, 0]);
+    assert!(read_npy_f32(&longer).unwrap_err().contains("bytes"));
+    assert!(
+        read_npy_f32(&npy_f32(&v, "(2, 2)"))
+            .unwrap_err()
+            .contains("bytes")
+    );
+    // An embedding is 512 finite values, (512,) or (1, 512).
+    let e = vec![0.1f32; 512];
+    assert_eq!(read_embedding_npy(&npy_f32(&e, "(1, 512)")).unwrap(), e);
+    let wrong = read_embedding_npy(&npy_f32(&e, "(2, 256)")).unwrap_err();
+    assert!(wrong.contains("[2, 256]"), "{wrong}");
+    let mut bad = e.clone();
+    bad[7] = f32::NAN;
+    assert!(
+        read_embedding_npy(&npy_f32(&bad, "(512,)"))
+            .unwrap_err()
+            .contains("value 7")
+    );
     assert!(
         read_npy_f32(&npy("<i8", "(3,)", &f64s))
             .unwrap_err()

@@ -225,3 +225,93 @@ fn import_errors_name_the_entry_and_field() {
         report.skipped[1]
     );
 }
+
+/// Imports `index` (fail on the first bad entry); the problems, or the notes of a success.
+fn import(index: &Path, out: &Path) -> Result<Vec<String>, Vec<String>> {
+    import_storymaker(
+        index,
+        out,
+        ShardWriterOptions::default(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .map(|r| r.notes.iter().map(|n| n.to_string()).collect())
+    .map_err(|e| e.iter().map(|n| n.to_string()).collect())
+}
+
+#[test]
+fn import_refuses_what_the_reference_would_misread_and_reports_resizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let index = write_layout(dir.path());
+    // The double-size mask of entry "2" has the image's aspect: resized, and said.
+    let notes = import(&index, &dir.path().join("ok")).unwrap();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("001_mask.png is 666x422") && notes[0].contains("resized"));
+
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+        (
+            "non-numeric key",
+            Box::new(|v| {
+                let e = v.as_object_mut().unwrap().remove("1").unwrap();
+                v["one"] = e;
+            }),
+            "index keys are person counts",
+        ),
+        (
+            "num_persons differs from the key",
+            Box::new(|v| v["2"][0][4] = 3.into()),
+            "listed under \"2\"",
+        ),
+        (
+            "null caption",
+            Box::new(|v| v["1"][0][3] = serde_json::Value::Null),
+            "\"1\"[0].caption",
+        ),
+        (
+            "one image twice",
+            Box::new(|v| {
+                let e = v["1"][0].clone();
+                v["1"].as_array_mut().unwrap().push(e);
+            }),
+            "duplicate id `000`",
+        ),
+    ];
+    for (i, (what, edit, want)) in cases.iter().enumerate() {
+        let mut v = original.clone();
+        edit(&mut v);
+        let path = dir.path().join(format!("case{i}.json"));
+        std::fs::write(&path, v.to_string()).unwrap();
+        let errors = import(&path, &dir.path().join(format!("out{i}"))).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{what}: {errors:?}"
+        );
+    }
+
+    // A transposed mask is another shape, not a resize.
+    let mask = image::open(dir.path().join("000_mask.png"))
+        .unwrap()
+        .to_rgb8();
+    image::imageops::rotate90(&mask)
+        .save(dir.path().join("000_mask.png"))
+        .unwrap();
+    let errors = import(&index, &dir.path().join("transposed")).unwrap_err();
+    assert!(
+        errors[0].contains("000_mask.png is 517x301, the image is 301x517"),
+        "{errors:?}"
+    );
+    image::imageops::rotate270(&image::imageops::rotate90(&mask))
+        .save(dir.path().join("000_mask.png"))
+        .unwrap();
+    // A non-finite embedding names its file.
+    let mut id = embedding(1);
+    id[3] = f32::INFINITY;
+    write_faceid(&dir.path().join("000_faceid/0.bin"), &id, &crop_kps(0, 0));
+    let errors = import(&index, &dir.path().join("nan")).unwrap_err();
+    assert!(
+        errors[0].contains("000_faceid/0.bin") && errors[0].contains("value 3"),
+        "{errors:?}"
+    );
+}

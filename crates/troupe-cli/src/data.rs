@@ -172,6 +172,9 @@ fn print_problems(problems: &[DataError], max: usize) {
 fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Result<ExitCode> {
     match result {
         Ok(report) => {
+            for n in &report.notes {
+                eprintln!("note: {n}");
+            }
             for s in &report.skipped {
                 eprintln!("skipped: {s}");
             }
@@ -193,9 +196,14 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
         }
         Err(errors) => {
             print_problems(&errors, usize::MAX);
-            bail!(
-                "nothing was packed: fix the rows above, or pass --on-bad-row skip to leave them out"
-            )
+            // Only row-level problems can be skipped; a file-level one (unreadable index,
+            // unwritable output) stops the import whatever the policy.
+            if errors.iter().any(|e| e.at.row.is_some()) {
+                bail!(
+                    "nothing was packed: fix the rows above, or pass --on-bad-row skip to leave them out"
+                )
+            }
+            bail!("nothing was packed")
         }
     }
 }

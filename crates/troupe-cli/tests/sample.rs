@@ -136,7 +136,10 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
     refused(&wrong, &["--reference", &good], "wrong.safetensors");
     let bad_refs = [
         (reference(0, &[("mask", &black)]), "no person pixel"),
-        (reference(0, &[("embedding", &short)]), "has 10 values"),
+        (
+            reference(0, &[("embedding", &short)]),
+            "shape [10]: an embedding is (512,)",
+        ),
         (reference(0, &[("keypoints", &far)]), "outside"),
         (reference(0, &[("image", &missing)]), "missing.png"),
     ];

@@ -96,9 +96,10 @@ pub struct CheckReport {
 /// unknown schema version, missing column) are reported and the next file is checked.
 pub fn check_shards(paths: &[PathBuf], limits: DecodeLimits, threads: usize) -> CheckReport {
     let mut report = CheckReport::default();
+    let mut ids = std::collections::HashMap::new();
     for path in paths {
         report.files += 1;
-        if let Err(e) = check_shard(path, limits, threads.max(1), &mut report) {
+        if let Err(e) = check_shard(path, limits, threads.max(1), &mut report, &mut ids) {
             report.problems.push(e);
         }
     }
@@ -110,6 +111,7 @@ fn check_shard(
     limits: DecodeLimits,
     threads: usize,
     report: &mut CheckReport,
+    ids: &mut std::collections::HashMap<String, Location>,
 ) -> Result<()> {
     let reader = ShardReader::open(path)?;
     for g in 0..reader.num_row_groups() {
@@ -137,7 +139,19 @@ fn check_shard(
                 .flat_map(|h| h.join().expect("check thread panicked"))
                 .collect()
         });
-        for errs in per_row {
+        for ((row, sample), mut errs) in rows.iter().zip(per_row) {
+            // Ids are keys (resume, references, evaluation protocols): each names one row.
+            if let Ok(sample) = sample {
+                let at = Location::row(path, *row).field(crate::schema::col::ID);
+                if let Some(first) = ids.get(&sample.id) {
+                    errs.push(DataError::new(
+                        at,
+                        format!("duplicate id `{}`: also {first}", sample.id),
+                    ));
+                } else {
+                    ids.insert(sample.id.clone(), Location::row(path, *row));
+                }
+            }
             if !errs.is_empty() {
                 report.bad_rows += 1;
                 report.problems.extend(errs);

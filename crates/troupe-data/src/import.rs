@@ -7,6 +7,7 @@
 //! bounds); `faceid_dir/{i}.bin` PyTorch files `{'id': (1, 512) f32, 'kps': (5, 2) f32}` with
 //! keypoints relative to character i's crop (the bounding box of its 7×7-dilated mask).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use image::{RgbImage, imageops::FilterType};
@@ -36,16 +37,35 @@ pub fn import_storymaker(
     let entries = read_index(index).map_err(|e| vec![e])?;
     let base = index.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut iter = entries.into_iter();
-    write_shards(out, options, on_bad, || {
-        let (at, entry) = iter.next()?;
-        Some(import_entry(&entry, &base, &at, limits))
-    })
+    let mut notes = Vec::new();
+    // Ids (image file stems) are keys: two images with one stem would collide.
+    let mut ids: HashMap<String, Location> = HashMap::new();
+    let mut report = write_shards(out, options, on_bad, || {
+        let (at, persons, entry) = iter.next()?;
+        let sample = import_entry(&entry, persons, &base, &at, limits, &mut notes);
+        if let Ok(s) = &sample {
+            if let Some(first) = ids.get(&s.id) {
+                return Some(Err(vec![DataError::new(
+                    at.clone(),
+                    format!(
+                        "duplicate id `{}` (the image's file stem): also {first}",
+                        s.id
+                    ),
+                )]));
+            }
+            ids.insert(s.id.clone(), at.clone());
+        }
+        Some(sample)
+    })?;
+    report.notes = notes;
+    Ok(report)
 }
 
 /// One index entry with the location used in its error messages.
 type Entry = Vec<serde_json::Value>;
 
-fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
+/// The index's entries: location, person count (the key they are listed under), values.
+fn read_index(index: &Path) -> Result<Vec<(Location, usize, Entry)>> {
     let text = std::fs::read_to_string(index).map_err(|e| DataError::io(index, &e))?;
     let root: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| DataError::new(Location::file(index), format!("not valid JSON: {e}")))?;
@@ -59,6 +79,16 @@ fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
     keys.sort();
     let mut out = Vec::new();
     for key in keys {
+        let persons = key
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_CHARACTERS).contains(n))
+            .ok_or_else(|| {
+                DataError::new(
+                    Location::file(index).field(format!("\"{key}\"")),
+                    format!("index keys are person counts \"1\" to \"{MAX_CHARACTERS}\", found \"{key}\""),
+                )
+            })?;
         let list = map[key].as_array().ok_or_else(|| {
             DataError::new(
                 Location::file(index).field(format!("\"{key}\"")),
@@ -73,7 +103,7 @@ fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
                     "expected [image, pose, mask, caption, num_persons, faceid_dir]",
                 )
             })?;
-            out.push((at, entry));
+            out.push((at, persons, entry));
         }
     }
     Ok(out)
@@ -81,9 +111,11 @@ fn read_index(index: &Path) -> Result<Vec<(Location, Entry)>> {
 
 fn import_entry(
     entry: &Entry,
+    persons: usize,
     base: &Path,
     at: &Location,
     limits: DecodeLimits,
+    notes: &mut Vec<DataError>,
 ) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
     let field_at = |name: &str| {
@@ -138,13 +170,34 @@ fn import_entry(
         limits,
     )
     .map_err(one)?;
-    // Nearest keeps the colour codes exact (any interpolation would invent in-between colours).
-    let mask_rgb: RgbImage = if mask_rgb.dimensions() == (w, h) {
+    let (mw, mh) = mask_rgb.dimensions();
+    let mask_rgb: RgbImage = if (mw, mh) == (w, h) {
         mask_rgb
-    } else {
+    } else if mw as u64 * h as u64 == mh as u64 * w as u64 {
+        // Same aspect: resized as the reference does (it resizes every mask to the image),
+        // and said. Nearest keeps the colour codes exact.
+        notes.push(DataError::new(
+            field_at("mask"),
+            format!("{mask_rel} is {mw}x{mh}, the image {w}x{h}: resized to the image"),
+        ));
         image::imageops::resize(&mask_rgb, w, h, FilterType::Nearest)
+    } else {
+        return Err(one(DataError::new(
+            field_at("mask"),
+            format!(
+                "{mask_rel} is {mw}x{mh}, the image is {w}x{h}: not the same shape (transposed or another image's mask?)"
+            ),
+        )));
     };
-    let caption = text(3, "caption").map_err(one)?.unwrap_or_default();
+    let caption = match &entry[3] {
+        serde_json::Value::String(s) => s.clone(),
+        other => {
+            return Err(one(DataError::new(
+                field_at("caption"),
+                format!("expected a string, found {other}"),
+            )));
+        }
+    };
     let n = entry[4]
         .as_u64()
         .filter(|n| (1..=MAX_CHARACTERS as u64).contains(n))
@@ -157,6 +210,12 @@ fn import_entry(
                 ),
             ))
         })? as usize;
+    if n != persons {
+        return Err(one(DataError::new(
+            field_at("num_persons"),
+            format!("is {n}, but the entry is listed under \"{persons}\""),
+        )));
+    }
     let faceid_dir = base.join(required(5, "faceid_dir").map_err(one)?);
 
     let mut characters = Vec::with_capacity(n);
@@ -223,5 +282,14 @@ pub fn read_faceid(path: &PathBuf) -> Result<(Vec<f32>, Vec<f32>)> {
         }
         Ok(v)
     };
-    Ok((tensor("id", EMBEDDING_DIM)?, tensor("kps", 10)?))
+    let (id, kps) = (tensor("id", EMBEDDING_DIM)?, tensor("kps", 10)?);
+    for (key, values) in [("id", &id), ("kps", &kps)] {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(DataError::new(
+                at.field(key),
+                format!("value {i} is {}, not a finite number", values[i]),
+            ));
+        }
+    }
+    Ok((id, kps))
 }

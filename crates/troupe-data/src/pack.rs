@@ -21,7 +21,7 @@ use serde::Deserialize;
 use crate::check::check_sample;
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{DecodeLimits, decode_gray, encode_png_gray, probe};
-use crate::schema::{Character, EncodedImage, Sample};
+use crate::schema::{Character, EMBEDDING_DIM, EncodedImage, Sample};
 use crate::shard::{ShardInfo, ShardWriter, ShardWriterOptions};
 
 /// One character before packing.
@@ -131,6 +131,33 @@ enum Keypoints {
     Flat(Vec<f32>),
 }
 
+/// The character field of a manifest line whose value has the wrong form, and what it should
+/// be (serde names no field for a value that fits no variant of an untagged enum).
+fn bad_manifest_field(line: &str) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    for (i, c) in v.get("characters")?.as_array()?.iter().enumerate() {
+        if let Some(e) = c.get("embedding").filter(|e| !e.is_null())
+            && serde_json::from_value::<NumbersOrFile>(e.clone()).is_err()
+        {
+            return Some((
+                format!("characters[{i}].embedding"),
+                format!(
+                    "expected a list of {EMBEDDING_DIM} numbers or the path of a .npy file, got {e}"
+                ),
+            ));
+        }
+        if let Some(k) = c.get("keypoints").filter(|k| !k.is_null())
+            && serde_json::from_value::<Keypoints>(k.clone()).is_err()
+        {
+            return Some((
+                format!("characters[{i}].keypoints"),
+                format!("expected five [x, y] pairs or 10 numbers, got {k}"),
+            ));
+        }
+    }
+    None
+}
+
 /// What to do with a manifest line that fails validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnBadLine {
@@ -149,6 +176,9 @@ pub struct PackReport {
     pub skipped: Vec<DataError>,
     /// Lines packed.
     pub rows: u64,
+    /// Things changed on the way in that the user should know of (e.g. a mask resized to
+    /// its image), each naming its line or entry.
+    pub notes: Vec<DataError>,
 }
 
 /// Writes shards from samples produced by `next` (one call per input item, `None` at the end).
@@ -188,6 +218,7 @@ pub fn write_shards(
         shards,
         skipped,
         rows,
+        notes: Vec::new(),
     })
 }
 
@@ -214,6 +245,8 @@ pub fn pack_manifest_with(
     let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
     let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut lines = BufReader::new(file).lines().enumerate();
+    // Ids are keys (resume, references, evaluation protocols): one line each.
+    let mut ids: std::collections::HashMap<String, Location> = Default::default();
     write_shards(out, options, on_bad, || {
         loop {
             let (i, line) = lines.next()?;
@@ -230,7 +263,17 @@ pub fn pack_manifest_with(
             if line.trim().is_empty() {
                 continue;
             }
-            return Some(sample_from_line(&line, &base, &at, limits, identity));
+            let sample = sample_from_line(&line, &base, &at, limits, identity);
+            if let Ok(s) = &sample {
+                if let Some(first) = ids.get(&s.id) {
+                    return Some(Err(vec![DataError::new(
+                        at.field("id"),
+                        format!("duplicate id `{}`: also {first}", s.id),
+                    )]));
+                }
+                ids.insert(s.id.clone(), at.clone());
+            }
+            return Some(sample);
         }
     })
 }
@@ -244,9 +287,16 @@ fn sample_from_line(
 ) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
     let entry: ManifestLine = serde_json::from_str(line).map_err(|e| {
+        let (field, what) = bad_manifest_field(line).unwrap_or_default();
+        let at = if field.is_empty() {
+            at.clone()
+        } else {
+            at.field(field)
+        };
+        let what = if what.is_empty() { e.to_string() } else { what };
         one(DataError::new(
-            at.clone(),
-            format!("not a valid manifest line: {e}"),
+            at,
+            format!("not a valid manifest line: {what}"),
         ))
     })?;
     let read = |rel: &str, field: &str| -> Result<(PathBuf, Vec<u8>)> {
@@ -281,7 +331,7 @@ fn sample_from_line(
             Some(NumbersOrFile::Inline(v)) => Some(v.clone()),
             Some(NumbersOrFile::File(rel)) => {
                 let (path, bytes) = read(rel, &field("embedding")).map_err(one)?;
-                Some(read_npy_f32(&bytes).map_err(|m| {
+                Some(read_embedding_npy(&bytes).map_err(|m| {
                     one(DataError::new(
                         at.field(field("embedding")),
                         format!("{}: {m}", path.display()),
@@ -341,22 +391,38 @@ fn sample_from_line(
     build_sample(id, image, entry.caption, characters, pose, at, limits)
 }
 
-/// Reads a NumPy `.npy` array of float32 or float64 (little-endian, C order) as `f32`s.
-/// Any shape is accepted; the caller checks the length.
-pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+/// Reads an ArcFace embedding saved with NumPy: exactly 512 finite float32/float64 values,
+/// shape `(512,)` or `(1, 512)`, nothing after the data.
+pub fn read_embedding_npy(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    let (shape, values) = read_npy_f32(bytes)?;
+    if !(shape == [EMBEDDING_DIM] || shape == [1, EMBEDDING_DIM]) {
+        return Err(format!(
+            "shape {shape:?}: an embedding is ({EMBEDDING_DIM},) or (1, {EMBEDDING_DIM})"
+        ));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(format!("value {i} is {}, not a finite number", values[i]));
+    }
+    Ok(values)
+}
+
+/// Reads a NumPy `.npy` array of float32 or float64 (little-endian, C order) as its shape and
+/// `f32` values. The data must be exactly what the shape says (no missing or trailing bytes).
+pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err("not a .npy file (bad magic)".into());
     }
     let (header_len, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10usize),
         2 | 3 if bytes.len() >= 12 => (
             u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
             12,
         ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = bytes
-        .get(start..start + header_len)
+    let header = start
+        .checked_add(header_len)
+        .and_then(|end| bytes.get(start..end))
         .ok_or("truncated .npy header")?;
     let header = std::str::from_utf8(header).map_err(|_| "the .npy header is not text")?;
     if header.contains("'fortran_order': True") {
@@ -369,18 +435,51 @@ pub fn read_npy_f32(bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
         .nth(1)
         .and_then(|s| s.split('\'').nth(1))
         .ok_or("no dtype in the .npy header")?;
+    let shape = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(')').next())
+        .ok_or("no shape in the .npy header")?;
+    let shape: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            d.parse::<usize>()
+                .map_err(|_| format!("bad shape entry `{d}` in the .npy header"))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or("the .npy shape overflows")?;
     let data = &bytes[start + header_len..];
-    match descr {
-        "<f4" => Ok(data
+    let size = match descr {
+        "<f4" => 4,
+        "<f8" => 8,
+        other => {
+            return Err(format!(
+                "dtype `{other}` is not supported; use float32 or float64"
+            ));
+        }
+    };
+    if Some(data.len()) != count.checked_mul(size) {
+        return Err(format!(
+            "the data is {} bytes, the header's shape {shape:?} of {descr} needs {}",
+            data.len(),
+            count.saturating_mul(size)
+        ));
+    }
+    let values = match size {
+        4 => data
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect()),
-        "<f8" => Ok(data
+            .collect(),
+        _ => data
             .chunks_exact(8)
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect()),
-        other => Err(format!(
-            "dtype `{other}` is not supported; use float32 or float64"
-        )),
-    }
+            .collect(),
+    };
+    Ok((shape, values))
 }

@@ -121,7 +121,7 @@ impl Reference {
         };
         let img = decode(image, "image")?;
         let mask_img = decode(mask, "mask")?;
-        let emb = troupe_data::pack::read_npy_f32(&read_bytes(embedding, "embedding")?)
+        let emb = troupe_data::pack::read_embedding_npy(&read_bytes(embedding, "embedding")?)
             .map_err(|m| err(&shown(embedding), "embedding", m))?;
         let kps_text = String::from_utf8(read_bytes(keypoints, "keypoints")?)
             .map_err(|_| err(&shown(keypoints), "keypoints", "not UTF-8 text"))?;
