@@ -226,6 +226,9 @@ fn import_errors_name_the_entry_and_field() {
     );
 }
 
+/// A change to an index.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 /// Imports `index` (fail on the first bad entry); the problems, or the notes of a success.
 fn import(index: &Path, out: &Path) -> Result<Vec<String>, Vec<String>> {
     import_storymaker(
@@ -250,7 +253,7 @@ fn import_refuses_what_the_reference_would_misread_and_reports_resizes() {
 
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &str)> = vec![
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "non-numeric key",
             Box::new(|v| {
