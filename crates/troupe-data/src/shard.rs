@@ -355,9 +355,36 @@ impl ShardReader {
                 })?,
         };
         check_columns(metadata.schema(), &at)?;
+        let file_len = file.metadata().map_err(|e| DataError::io(path, &e))?.len();
         let mut row_group_starts = vec![0u64];
-        for rg in metadata.metadata().row_groups() {
-            row_group_starts.push(row_group_starts.last().unwrap() + rg.num_rows() as u64);
+        for (g, rg) in metadata.metadata().row_groups().iter().enumerate() {
+            // The parquet reader asserts (panics) on negative offsets and sizes: a damaged
+            // footer must be an error instead.
+            for c in rg.columns() {
+                let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+                let len = c.compressed_size();
+                let fits = start >= 0
+                    && len >= 0
+                    && (start as u64)
+                        .checked_add(len as u64)
+                        .is_some_and(|end| end <= file_len);
+                if !fits {
+                    return Err(DataError::new(
+                        at,
+                        format!(
+                            "row group {g}, column `{}`: the footer places its data at {start}+{len}, outside the file's {file_len} bytes (corrupt or truncated file?)",
+                            c.column_path()
+                        ),
+                    ));
+                }
+            }
+            let rows = u64::try_from(rg.num_rows()).map_err(|_| {
+                DataError::new(
+                    at.clone(),
+                    format!("row group {g} has {} rows", rg.num_rows()),
+                )
+            })?;
+            row_group_starts.push(row_group_starts.last().unwrap() + rows);
         }
         let producer = get(schema::META_PRODUCER);
         Ok(Self {
@@ -433,10 +460,12 @@ impl ShardReader {
                 ),
             )
         };
-        let reader = builder.build().map_err(|e| fail(&e))?;
-        reader
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| fail(&e))
+        decoding(&self.path, || {
+            let reader = builder.build().map_err(|e| fail(&e))?;
+            reader
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| fail(&e))
+        })
     }
 
     /// Reads row group `g`: one entry per row, with its row number in the file.
@@ -484,16 +513,20 @@ impl ShardReader {
                 format!("cannot read the character lists (corrupt or truncated file?): {e}"),
             )
         };
-        let reader =
+        let builder =
             ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
                 .with_row_groups(groups)
                 .with_batch_size(1 << 16)
-                .with_projection(ProjectionMask::leaves(schema, [leaf]))
+                .with_projection(ProjectionMask::leaves(schema, [leaf]));
+        let batches = decoding(&self.path, || {
+            builder
                 .build()
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| fail(&e))?
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| fail(&e))
+        })?;
         let mut out = Vec::with_capacity(self.num_rows() as usize);
-        for batch in reader {
-            let batch = batch.map_err(|e| fail(&e))?;
+        for batch in batches {
             let lists = batch
                 .column(0)
                 .as_any()
@@ -551,6 +584,40 @@ impl ShardReader {
         }
         Ok(out)
     }
+}
+
+thread_local! {
+    /// Set while this thread runs the parquet decoder (see [`decoding`]).
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs parquet decoding work. The `parquet` crate asserts (panics) on some corrupt pages
+/// instead of returning an error; such a panic becomes an error naming the file, and the panic
+/// message is not printed.
+fn decoding<T>(path: &Path, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !DECODING.with(|d| d.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = DECODING.with(|d| d.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    DECODING.with(|d| d.set(was));
+    result.unwrap_or_else(|payload| {
+        let why = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(DataError::new(
+            Location::file(path),
+            format!("corrupt data pages (the Parquet decoder failed: {why})"),
+        ))
+    })
 }
 
 /// Column types compared by shape: nullability and list item names are ignored, so files written
