@@ -100,3 +100,29 @@ fn a_state_from_another_dataset_or_seed_is_refused() {
         .expect("dataset mismatch refused");
     assert!(err.to_string().contains("same shards"), "{err}");
 }
+
+#[test]
+fn oversampled_epochs_resume_exactly() {
+    let (_dir, shards) = dataset();
+    let oversampled = |workers| LoaderConfig {
+        repeats: vec![1, 2, 5],
+        ..config(workers)
+    };
+    let mut straight = Loader::new(&shards, oversampled(2)).unwrap();
+    let reference = take(&mut straight, 40);
+    // 14 rows of 1, 2, 3 characters in turn: an epoch holds 5·1 + 5·2 + 4·5 = 35 samples.
+    let first_epoch: usize = reference
+        .iter()
+        .filter(|(b, _)| b.epoch == 0)
+        .map(|(b, _)| b.len())
+        .sum();
+    assert_eq!(first_epoch, 35);
+    for stop in [3usize, 11, 19] {
+        let mut resumed =
+            Loader::resume(&shards, oversampled(1), reference[stop - 1].1.clone()).unwrap();
+        let after = take(&mut resumed, 40 - stop);
+        for (k, ((a, _), (b, _))) in reference[stop..].iter().zip(&after).enumerate() {
+            assert_eq!(a, b, "batch {} after resuming at {stop} differs", k + stop);
+        }
+    }
+}

@@ -52,6 +52,8 @@ pub struct LoaderConfig {
     pub recipe: RecipeConfig,
     /// Images over these limits are refused before decoding.
     pub limits: DecodeLimits,
+    /// Appearances per epoch by character count (see [`PlanOptions::repeats`]).
+    pub repeats: Vec<u32>,
 }
 
 impl Default for LoaderConfig {
@@ -66,6 +68,7 @@ impl Default for LoaderConfig {
             on_bad_row: BadRowPolicy::Fail,
             recipe: RecipeConfig::default(),
             limits: DecodeLimits::default(),
+            repeats: Vec::new(),
         }
     }
 }
@@ -303,6 +306,7 @@ impl Loader {
             batch_size: self.config.batch_size,
             shuffle_window: self.config.shuffle_window,
             size_rule: self.config.size_rule.clone(),
+            repeats: self.config.repeats.clone(),
         };
         let (plan, too_small) = plan_epoch(&self.index, &opts, self.state.epoch);
         // Rows the size rule cannot place are reported once per epoch, at its start.
@@ -523,17 +527,17 @@ impl Reader {
                 needed.insert(*r, b as u64);
             }
         }
-        let read_pos: HashMap<(u32, usize), usize> = self
+        let read_pos: HashMap<(u32, usize, u32), usize> = self
             .plan
             .read_order
             .iter()
             .enumerate()
             .map(|(i, &g)| (g, i))
             .collect();
-        let group_of = |r: RowRef| -> (u32, usize) {
+        let group_of = |r: RowRef| -> (u32, usize, u32) {
             let groups = &self.index.shards[r.shard as usize].row_groups;
             let g = groups.partition_point(|&(start, _)| start <= r.row as u64) - 1;
-            (r.shard, g)
+            (r.shard, g, r.copy)
         };
         // Resume: the uninterrupted reader had read every row group up to the last one needed by
         // the batches before `from`; rows of later batches that lie there are fetched directly.
@@ -558,8 +562,8 @@ impl Reader {
                     vec![pos]
                 };
                 for p in groups {
-                    let (shard, g) = self.plan.read_order[p];
-                    self.load_group(&mut readers, shard, g, b, &needed, &mut loaded);
+                    let (shard, g, copy) = self.plan.read_order[p];
+                    self.load_group(&mut readers, (shard, g, copy), b, &needed, &mut loaded);
                 }
                 cursor = cursor.max(pos + 1);
             }
@@ -595,8 +599,7 @@ impl Reader {
     fn load_group(
         &self,
         readers: &mut HashMap<u32, ShardReader>,
-        shard: u32,
-        g: usize,
+        (shard, g, copy): (u32, usize, u32),
         from_batch: u64,
         needed: &HashMap<RowRef, u64>,
         loaded: &mut HashMap<RowRef, Result<Arc<Sample>>>,
@@ -605,6 +608,7 @@ impl Reader {
             let r = RowRef {
                 shard,
                 row: row as u32,
+                copy,
             };
             (needed.get(&r).is_some_and(|&b| b >= from_batch) && !loaded.contains_key(&r))
                 .then_some(r)

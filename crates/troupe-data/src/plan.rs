@@ -25,6 +25,8 @@ pub struct RowRef {
     pub shard: u32,
     /// Row number inside the shard.
     pub row: u32,
+    /// Which appearance of the row in its epoch (0 unless the row is oversampled).
+    pub copy: u32,
 }
 
 /// What the loader knows about one shard before reading any image.
@@ -246,11 +248,15 @@ pub struct PlannedBatch {
 pub struct EpochPlan {
     /// Epoch number.
     pub epoch: u64,
-    /// Row groups in the order they are read: (shard, row group index).
-    pub read_order: Vec<(u32, usize)>,
+    /// Row groups in the order they are read: (shard, row group index, copy); an oversampled
+    /// epoch reads a group once per pass that needs it.
+    pub read_order: Vec<(u32, usize, u32)>,
     /// Batches in the order they are yielded.
     pub batches: Vec<PlannedBatch>,
 }
+
+/// Character counts the repeat table can name (a shard holds 1 to 3 per row).
+const MAX_CHARACTERS_PLANNED: usize = crate::schema::MAX_CHARACTERS;
 
 /// Options of the planner.
 #[derive(Debug, Clone)]
@@ -263,6 +269,20 @@ pub struct PlanOptions {
     pub shuffle_window: usize,
     /// Output size rule.
     pub size_rule: SizeRule,
+    /// Times each row appears per epoch, by its character count: entry `i` for `i + 1`
+    /// characters (the reference's `list1 + 2 × list2 + 5 × list3` is `[1, 2, 5]`). Counts
+    /// past the end repeat like the last entry; empty means once each.
+    pub repeats: Vec<u32>,
+}
+
+impl PlanOptions {
+    /// How often a row with `characters` characters appears in an epoch.
+    pub fn repeat(&self, characters: usize) -> u32 {
+        match self.repeats.as_slice() {
+            [] => 1,
+            r => r[characters.clamp(1, r.len()) - 1],
+        }
+    }
 }
 
 /// Plans epoch `epoch`. Rows too small for the size rule are returned separately (the loader
@@ -272,26 +292,52 @@ pub fn plan_epoch(
     opts: &PlanOptions,
     epoch: u64,
 ) -> (EpochPlan, Vec<RowRef>) {
-    let mut shard_order: Vec<u32> = (0..index.shards.len() as u32).collect();
-    KeyedRng::new(opts.seed, Purpose::ShardOrder, epoch, 0).shuffle(&mut shard_order);
+    // Oversampling: pass p holds the rows that appear more than p times, each pass in its own
+    // shard and row-group order, so a row's copies are spread over the epoch rather than
+    // shuffled into one window (and one batch). Pass 0 is every row, as without repeats.
+    let passes = (0..=MAX_CHARACTERS_PLANNED)
+        .map(|c| opts.repeat(c))
+        .max()
+        .unwrap_or(1);
     let mut read_order = Vec::new();
     let mut stream: Vec<RowRef> = Vec::with_capacity(index.num_rows() as usize);
-    for &s in &shard_order {
-        let shard = &index.shards[s as usize];
-        let mut groups: Vec<usize> = (0..shard.row_groups.len()).collect();
-        KeyedRng::new(opts.seed, Purpose::RowGroupOrder, epoch, s as u64).shuffle(&mut groups);
-        for g in groups {
-            read_order.push((s, g));
-            let (start, len) = shard.row_groups[g];
-            stream.extend((start..start + len).map(|row| RowRef {
-                shard: s,
-                row: row as u32,
-            }));
+    let mut pass_ends = Vec::new();
+    for pass in 0..passes.max(1) as u64 {
+        let mut shard_order: Vec<u32> = (0..index.shards.len() as u32).collect();
+        KeyedRng::new(opts.seed, Purpose::ShardOrder, epoch, pass).shuffle(&mut shard_order);
+        for &s in &shard_order {
+            let shard = &index.shards[s as usize];
+            let mut groups: Vec<usize> = (0..shard.row_groups.len()).collect();
+            let key = s as u64 | pass << 32;
+            KeyedRng::new(opts.seed, Purpose::RowGroupOrder, epoch, key).shuffle(&mut groups);
+            for g in groups {
+                let (start, len) = shard.row_groups[g];
+                let rows = (start..start + len).filter(|&row| {
+                    let characters = shard.characters.get(row as usize).copied().unwrap_or(1);
+                    opts.repeat(characters) as u64 > pass
+                });
+                let before = stream.len();
+                stream.extend(rows.map(|row| RowRef {
+                    shard: s,
+                    row: row as u32,
+                    copy: pass as u32,
+                }));
+                if stream.len() > before {
+                    read_order.push((s, g, pass as u32));
+                }
+            }
         }
+        pass_ends.push(stream.len());
     }
+    // Windows never straddle two passes, so a row's copies stay in different passes.
     let window = opts.shuffle_window.max(1);
-    for (w, chunk) in stream.chunks_mut(window).enumerate() {
-        KeyedRng::new(opts.seed, Purpose::Window, epoch, w as u64).shuffle(chunk);
+    let (mut w, mut from) = (0u64, 0);
+    for end in pass_ends {
+        for chunk in stream[from..end].chunks_mut(window) {
+            KeyedRng::new(opts.seed, Purpose::Window, epoch, w).shuffle(chunk);
+            w += 1;
+        }
+        from = end;
     }
 
     let mut batches = Vec::new();
@@ -383,6 +429,7 @@ mod tests {
             batch_size: 4,
             shuffle_window: 16,
             size_rule: SizeRule::reference(),
+            repeats: Vec::new(),
         };
         for epoch in 0..3 {
             let (plan, small) = plan_epoch(&idx, &opts, epoch);
@@ -415,6 +462,72 @@ mod tests {
             a,
             plan_epoch(&idx, &opts, 1).0.batches,
             "epochs are shuffled differently"
+        );
+    }
+
+    #[test]
+    fn oversampled_rows_appear_their_repeat_count_spread_over_the_epoch() {
+        let idx = index(&[(37, 8), (20, 5), (3, 3)]);
+        let once = PlanOptions {
+            seed: 5,
+            batch_size: 4,
+            shuffle_window: 16,
+            size_rule: SizeRule::reference(),
+            repeats: Vec::new(),
+        };
+        let opts = PlanOptions {
+            repeats: vec![1, 2, 5],
+            ..once.clone()
+        };
+        let (plan, _) = plan_epoch(&idx, &opts, 0);
+        let mut count: HashMap<(u32, u32), Vec<u64>> = HashMap::new();
+        for b in &plan.batches {
+            for (r, pos) in &b.rows {
+                count.entry((r.shard, r.row)).or_default().push(*pos);
+            }
+        }
+        // Copy k of a row comes after every row of passes 0..k: copies are spread over the
+        // epoch, not shuffled next to each other. Pass k holds the rows repeated more than k
+        // times.
+        let chars: Vec<usize> = idx
+            .shards
+            .iter()
+            .flat_map(|s| s.characters.clone())
+            .collect();
+        let len: Vec<u64> = (0..5)
+            .map(|k| chars.iter().filter(|&&c| [1, 2, 5][c - 1] > k).count() as u64)
+            .collect();
+        let start: Vec<u64> = (0..5).map(|k| len[..k].iter().sum()).collect();
+        for positions in count.values_mut() {
+            positions.sort();
+            for (k, &p) in positions.iter().enumerate() {
+                assert!(p >= start[k] && p < start[k] + len[k], "copy {k} at {p}");
+            }
+        }
+        for (s, shard) in idx.shards.iter().enumerate() {
+            for (row, &c) in shard.characters.iter().enumerate() {
+                let positions = &count[&(s as u32, row as u32)];
+                assert_eq!(
+                    positions.len() as u32,
+                    [1, 2, 5][c - 1],
+                    "row {s}/{row}, {c} chars"
+                );
+            }
+        }
+        // Every copy has its own stream position (its own augmentation key).
+        let mut all: Vec<u64> = count.values().flatten().copied().collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n);
+        // Without repeats the plan is exactly the one-pass plan.
+        let plain = PlanOptions {
+            repeats: vec![1, 1, 1],
+            ..once.clone()
+        };
+        assert_eq!(
+            plan_epoch(&idx, &plain, 0).0.batches,
+            plan_epoch(&idx, &once, 0).0.batches
         );
     }
 

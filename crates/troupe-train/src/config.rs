@@ -128,6 +128,12 @@ pub struct DataConfig {
     /// `fail` (default) or `skip` rows that do not decode.
     #[serde(default = "fail")]
     pub on_bad_row: String,
+    /// Oversampling by character count: entry `i` is how many times a row with `i + 1`
+    /// characters appears per epoch. The reference trains on `list1 + 2 × list2 + 5 × list3`,
+    /// i.e. `[1, 2, 5]`; empty (default) is once each. Copies are spread over the epoch and
+    /// get their own augmentations.
+    #[serde(default)]
+    pub repeat_by_characters: Vec<u32>,
 }
 
 fn window() -> usize {
@@ -539,6 +545,12 @@ impl TrainConfig {
             d.workers <= MAX_WORKERS,
             "data.workers",
             &format!("must be ≤ {MAX_WORKERS} (0 = one per core)"),
+        )?;
+        check(
+            d.repeat_by_characters.len() <= 3
+                && d.repeat_by_characters.iter().all(|r| (1..=100).contains(r)),
+            "data.repeat_by_characters",
+            "must list at most 3 counts (1, 2, 3 characters), each from 1 to 100",
         )?;
         check(
             matches!(d.on_bad_row.as_str(), "fail" | "skip"),

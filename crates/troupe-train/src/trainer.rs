@@ -156,6 +156,7 @@ pub(crate) fn loader_config(config: &TrainConfig, encoders: &Encoders) -> Loader
             BadRowPolicy::Fail
         },
         recipe,
+        repeats: d.repeat_by_characters.clone(),
         ..LoaderConfig::default()
     }
 }

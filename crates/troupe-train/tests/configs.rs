@@ -21,4 +21,5 @@ fn shipped_configs_parse() {
     let reference = load("storymaker-sdxl.toml");
     assert_eq!(reference.model.dtype, Precision::Bf16);
     assert_eq!(reference.objective.attention, AttentionKernel::Efficient);
+    assert_eq!(reference.data.repeat_by_characters, [1, 2, 5]);
 }
