@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use troupe_models::adapter::{Adapter, AdapterSpec};
-use troupe_models::adapter_file::{AdapterFile, AdapterFormat, ExportDType, write_adapter};
+use troupe_models::adapter_file::{AdapterFormat, ExportDType, export_adapter, write_adapter};
 use troupe_models::unet::UNet2DConditionConfig;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,10 +77,7 @@ pub fn adapter_file(source: &Path) -> Result<PathBuf> {
 }
 
 pub fn export(args: ExportArgs) -> Result<ExitCode> {
-    let file = AdapterFile::read(&adapter_file(&args.source)?)?;
-    // The architecture travels with every export (inferred for files that lack it); the
-    // tensors must match it exactly and be finite.
-    let spec = file.verify()?;
+    let source = adapter_file(&args.source)?;
     let format = match args.format {
         FormatArg::Safetensors => AdapterFormat::Safetensors,
         FormatArg::StorymakerBin => AdapterFormat::StorymakerBin,
@@ -89,13 +86,12 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
         DTypeArg::F32 => ExportDType::F32,
         DTypeArg::F16 => ExportDType::F16,
     };
-    // Keep the source's metadata (base model, step, …) and state the architecture.
-    let mut metadata = file.metadata.clone();
-    let (k, v) = spec.metadata();
-    metadata.insert(k, v);
-    metadata.insert("source".into(), file.path.display().to_string());
-    write_adapter(&args.out, &file.tensors, format, dtype, metadata)?;
-    println!("{}: {} tensors", args.out.display(), file.tensors.len());
+    // The source's metadata (base model, step, …) travels, with the architecture (inferred for
+    // files that lack it) and where it came from. Tensors are streamed one at a time, each
+    // checked against the architecture and for finite values.
+    let metadata = [("source".to_string(), source.display().to_string())].into();
+    let (_, tensors) = export_adapter(&source, &args.out, format, dtype, metadata)?;
+    println!("{}: {tensors} tensors", args.out.display());
     Ok(ExitCode::SUCCESS)
 }
 

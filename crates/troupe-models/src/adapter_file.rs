@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use troupe_pt::{DType, Tensor, Value};
 
 use crate::adapter::{AdapterSpec, check_processor_layout};
-use crate::weights::{StateDict, StoredDType, WeightError, to_host, write_safetensors};
+use crate::weights::{
+    StateDict, StoredDType, TensorSpec, WeightError, to_host, write_safetensors_streaming,
+};
 
 /// Tensors in the export layout and the metadata strings of one file.
 type Contents = (Vec<(String, Tensor)>, HashMap<String, String>);
@@ -61,36 +63,76 @@ pub fn write_adapter(
     dtype: ExportDType,
     metadata: HashMap<String, String>,
 ) -> Result<(), WeightError> {
+    let shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.shape.clone()))
+        .collect();
+    let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    write_streamed(path, &shapes, format, dtype, metadata, &mut |key| {
+        Ok(by_name[key].clone())
+    })
+}
+
+/// Writes the tensors `shapes` names (export layout, in that order) as `format` in `dtype`,
+/// asking `tensor(key)` for each one only when it is written: at most one tensor (and its
+/// converted copy) is held at a time. Atomic; nothing is left behind on failure.
+fn write_streamed(
+    path: &Path,
+    shapes: &[(String, Vec<usize>)],
+    format: AdapterFormat,
+    dtype: ExportDType,
+    metadata: HashMap<String, String>,
+    tensor: &mut dyn FnMut(&str) -> Result<Tensor, WeightError>,
+) -> Result<(), WeightError> {
     let target = match dtype {
         ExportDType::F32 => DType::F32,
         ExportDType::F16 => DType::F16,
     };
-    let tensors = tensors
-        .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_float_dtype(target)?)))
-        .collect::<Result<Vec<_>, troupe_pt::Error>>()
-        .map_err(|e| format_error(path, e.to_string()))?;
+    let mut converted = |key: &str| -> Result<Vec<u8>, WeightError> {
+        let t = tensor(key)?;
+        Ok(t.to_float_dtype(target)
+            .map_err(|e| format_error(path, format!("`{key}`: {e}")))?
+            .data)
+    };
     match format {
-        AdapterFormat::Safetensors => write_safetensors(path, &tensors, Some(metadata)),
-        AdapterFormat::StorymakerBin => write_bin(path, &tensors, metadata),
+        AdapterFormat::Safetensors => {
+            let specs: Vec<TensorSpec> = shapes
+                .iter()
+                .map(|(k, s)| (k.clone(), target, s.clone()))
+                .collect();
+            write_safetensors_streaming(path, &specs, Some(metadata), converted)
+        }
+        AdapterFormat::StorymakerBin => write_bin(path, shapes, target, metadata, &mut converted),
     }
 }
 
+/// The reference `mask.bin` layout: `{'image_proj_model': {...}, 'ip_adapter': {...},
+/// 'troupe': {metadata}}`, tensors streamed in group order.
 fn write_bin(
     path: &Path,
-    tensors: &[(String, Tensor)],
+    shapes: &[(String, Vec<usize>)],
+    target: DType,
     metadata: HashMap<String, String>,
+    converted: &mut dyn FnMut(&str) -> Result<Vec<u8>, WeightError>,
 ) -> Result<(), WeightError> {
     let mut top: Vec<(Value, Value)> = Vec::new();
+    // Storage `i` is the i-th tensor in this order (the order the pickle names them).
+    let mut order: Vec<&str> = Vec::new();
     for g in GROUPS {
         let prefix = format!("{g}.");
-        let entries: Vec<(Value, Value)> = tensors
-            .iter()
-            .filter_map(|(k, t)| {
-                let name = k.strip_prefix(&prefix)?;
-                Some((Value::Str(name.to_string()), Value::Tensor(t.clone())))
-            })
-            .collect();
+        let mut entries = Vec::new();
+        for (k, shape) in shapes {
+            if let Some(name) = k.strip_prefix(&prefix) {
+                // Dtype and shape only: the bytes are streamed in when the entry is written.
+                let placeholder = Tensor {
+                    dtype: target,
+                    shape: shape.clone(),
+                    data: Vec::new(),
+                };
+                entries.push((Value::Str(name.to_string()), Value::Tensor(placeholder)));
+                order.push(k);
+            }
+        }
         top.push((Value::Str(g.to_string()), Value::OrderedDict(entries)));
     }
     let mut meta: Vec<(String, String)> = metadata.into_iter().collect();
@@ -100,17 +142,146 @@ fn write_bin(
         .map(|(k, v)| (Value::Str(k), Value::Str(v)))
         .collect();
     top.push((Value::Str(BIN_METADATA.into()), Value::Dict(meta)));
-    // Same atomic pattern as safetensors: temporary file, then rename.
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.partial"));
-    troupe_pt::write_file(&tmp, &Value::Dict(top))
-        .map_err(|e| format_error(path, e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|source| WeightError::Io {
+    // The first error of a tensor is kept: troupe-pt only carries its text.
+    let mut failure = None;
+    let written = troupe_pt::write_file_streaming(path, &Value::Dict(top), &mut |i, _| {
+        converted(order[i]).map_err(|e| {
+            let text = e.to_string();
+            failure = Some(e);
+            text
+        })
+    });
+    match (written, failure) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(e)) => Err(e),
+        (Err(e), None) => Err(format_error(path, e.to_string())),
+    }
+}
+
+/// Exports the adapter file `source` to `out` as `format` in `dtype`, streaming: tensors are
+/// read, checked finite, converted and written one at a time, so memory stays about one
+/// tensor whatever the adapter's size (a `.safetensors` source is read with positioned reads;
+/// a torch zip source is read whole). The file is verified against its architecture first
+/// ([`AdapterFile::verify`]'s checks); `metadata` is added to the source's. Returns the
+/// architecture and the number of tensors written.
+pub fn export_adapter(
+    source: &Path,
+    out: &Path,
+    format: AdapterFormat,
+    dtype: ExportDType,
+    metadata: HashMap<String, String>,
+) -> Result<(AdapterSpec, usize), WeightError> {
+    let is_safetensors = source.extension().is_some_and(|e| e == "safetensors");
+    if !is_safetensors {
+        let file = AdapterFile::read(source)?;
+        let spec = file.verify()?;
+        let mut all = file.metadata.clone();
+        all.extend(metadata);
+        let (k, v) = spec.metadata();
+        all.insert(k, v);
+        write_adapter(out, &file.tensors, format, dtype, all)?;
+        return Ok((spec, file.tensors.len()));
+    }
+    let sd = StateDict::from_file(source)?;
+    let keys = sd.keys();
+    for key in &keys {
+        refuse_integer(source, key, sd.stored_dtype(key))?;
+    }
+    let shapes: Vec<(String, Vec<usize>)> = keys
+        .iter()
+        .map(|k| (k.clone(), sd.shape(k).unwrap_or(&[]).to_vec()))
+        .collect();
+    let spec = AdapterSpec::from_state_dict(&sd)?;
+    verify_layout(source, &spec, &shapes.iter().cloned().collect())?;
+    let mut all: HashMap<String, String> = sd.metadata().clone().into_iter().collect();
+    all.extend(metadata);
+    let (k, v) = spec.metadata();
+    all.insert(k, v);
+    write_streamed(out, &shapes, format, dtype, all, &mut |key| {
+        let t = sd.read_host(key)?;
+        check_finite(source, key, &t)?;
+        Ok(t)
+    })?;
+    Ok((spec, shapes.len()))
+}
+
+fn refuse_integer(path: &Path, key: &str, dtype: Option<StoredDType>) -> Result<(), WeightError> {
+    match dtype {
+        Some(d @ (StoredDType::I32 | StoredDType::I64)) => Err(format_error(
+            path,
+            format!(
+                "`{key}` is an integer tensor ({}); adapter weights are floats",
+                d.name()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<(), WeightError> {
+    let values = t
+        .to_f32_vec()
+        .map_err(|e| format_error(path, format!("`{key}`: {e}")))?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(format_error(
+            path,
+            format!(
+                "`{key}` holds a non-finite value ({}) at element {i}",
+                values[i]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks the tensors of an adapter file (`shapes`: key → shape) against `spec`: sizes valid,
+/// the PPR and each processor with exactly the tensors and shapes the architecture needs.
+fn verify_layout(
+    path: &Path,
+    spec: &AdapterSpec,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<(), WeightError> {
+    spec.validate()
+        .map_err(|m| format_error(path, format!("architecture: {m}")))?;
+    let (mut missing, mut unexpected, mut wrong) = check_processor_layout(spec, shapes);
+    // The PPR: a lazy module compared with the shapes only (check-only: nothing is read).
+    let ppr: Vec<(String, Vec<usize>)> = shapes
+        .iter()
+        .filter(|(k, _)| k.starts_with("image_proj_model."))
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
+    let mut sd = StateDict::from_shapes(&ppr);
+    spec.ppr
+        .init(&burn::prelude::Device::flex())
+        .load(&mut sd, "image_proj_model");
+    if let Err(WeightError::Keys {
+        missing: m,
+        shapes: w,
+        ..
+    }) = sd.finish_part("PPR (faceid_plus)")
+    {
+        missing.extend(m);
+        wrong.extend(w);
+    }
+    unexpected.extend(sd.keys());
+    unexpected.extend(
+        shapes
+            .keys()
+            .filter(|k| !k.starts_with("image_proj_model.") && !k.starts_with("ip_adapter."))
+            .cloned(),
+    );
+    if missing.is_empty() && unexpected.is_empty() && wrong.is_empty() {
+        return Ok(());
+    }
+    Err(WeightError::Keys {
         path: path.display().to_string(),
-        source,
+        module: format!(
+            "adapter it declares ({} processors, rank {})",
+            spec.processors, spec.lora_rank
+        ),
+        missing,
+        unexpected,
+        shapes: wrong,
     })
 }
 
@@ -162,66 +333,14 @@ impl AdapterFile {
     /// finite. Every problem is listed, naming its key.
     pub fn verify(&self) -> Result<AdapterSpec, WeightError> {
         let spec = self.spec()?;
-        spec.validate()
-            .map_err(|m| format_error(&self.path, format!("architecture: {m}")))?;
         let shapes: BTreeMap<String, Vec<usize>> = self
             .tensors
             .iter()
             .map(|(k, t)| (k.clone(), t.shape.clone()))
             .collect();
-        let (mut missing, mut unexpected, mut wrong) = check_processor_layout(&spec, &shapes);
-        // The PPR: load its tensors into a lazy module, checking names and shapes only.
-        let ppr: Vec<(String, Tensor)> = self
-            .tensors
-            .iter()
-            .filter(|(k, _)| k.starts_with("image_proj_model."))
-            .cloned()
-            .collect();
-        let mut sd = StateDict::from_tensors(&ppr)?.check_only();
-        spec.ppr
-            .init(&burn::prelude::Device::flex())
-            .load(&mut sd, "image_proj_model");
-        if let Err(WeightError::Keys {
-            missing: m,
-            shapes: w,
-            ..
-        }) = sd.finish_part("PPR (faceid_plus)")
-        {
-            missing.extend(m);
-            wrong.extend(w);
-        }
-        unexpected.extend(sd.keys());
-        unexpected.extend(
-            shapes
-                .keys()
-                .filter(|k| !k.starts_with("image_proj_model.") && !k.starts_with("ip_adapter."))
-                .cloned(),
-        );
-        if !(missing.is_empty() && unexpected.is_empty() && wrong.is_empty()) {
-            return Err(WeightError::Keys {
-                path: self.path.display().to_string(),
-                module: format!(
-                    "adapter it declares ({} processors, rank {})",
-                    spec.processors, spec.lora_rank
-                ),
-                missing,
-                unexpected,
-                shapes: wrong,
-            });
-        }
+        verify_layout(&self.path, &spec, &shapes)?;
         for (key, t) in &self.tensors {
-            let values = t
-                .to_f32_vec()
-                .map_err(|e| format_error(&self.path, format!("`{key}`: {e}")))?;
-            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-                return Err(format_error(
-                    &self.path,
-                    format!(
-                        "`{key}` holds a non-finite value ({}) at element {i}",
-                        values[i]
-                    ),
-                ));
-            }
+            check_finite(&self.path, key, t)?;
         }
         Ok(spec)
     }
@@ -233,15 +352,7 @@ fn read_safetensors(path: &Path) -> Result<Contents, WeightError> {
     let device = burn::prelude::Device::flex();
     let mut out = Vec::new();
     for key in sd.keys() {
-        if let Some(d @ (StoredDType::I32 | StoredDType::I64)) = sd.stored_dtype(&key) {
-            return Err(format_error(
-                path,
-                format!(
-                    "`{key}` is an integer tensor ({}); adapter weights are floats",
-                    d.name()
-                ),
-            ));
-        }
+        refuse_integer(path, &key, sd.stored_dtype(&key))?;
         let rank = sd.shape(&key).map_or(0, <[usize]>::len);
         let t = match rank {
             1 => to_host(sd.take_any::<1>(&key, &device)?),

@@ -49,6 +49,14 @@ pub enum WeightError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// The file could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// File path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+    },
     /// The file is not valid safetensors (or a broken shard index).
     #[error("{path}: {message}")]
     Format {
@@ -410,6 +418,25 @@ impl StateDict {
         Self::from_bytes(bytes)
     }
 
+    /// A check-only state dict of names and shapes, no data (see [`Self::check_only`]): for
+    /// comparing a file's layout with a module without reading the file's tensors.
+    pub fn from_shapes(shapes: &[(String, Vec<usize>)]) -> Self {
+        let mut sd = Self::empty("<shapes>".into());
+        sd.backings.push(Backing::Owned(Vec::new()));
+        for (key, shape) in shapes {
+            sd.entries.insert(
+                key.clone(),
+                Entry {
+                    dtype: StoredDType::F32,
+                    shape: shape.clone(),
+                    backing: 0,
+                    range: 0..0,
+                },
+            );
+        }
+        sd.check_only()
+    }
+
     /// Parses an in-memory safetensors buffer.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, WeightError> {
         let mut sd = Self::empty("<memory>".into());
@@ -619,6 +646,32 @@ impl StateDict {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Reads `key` as a host tensor in its stored dtype (no device, no conversion), leaving
+    /// the key in place: for streaming a file through without holding all of it.
+    pub fn read_host(&self, key: &str) -> Result<troupe_pt::Tensor, WeightError> {
+        let e = self
+            .entries
+            .get(key)
+            .ok_or_else(|| WeightError::MissingKey {
+                path: self.path.clone(),
+                key: key.into(),
+            })?;
+        use troupe_pt::DType as P;
+        let dtype = match e.dtype {
+            StoredDType::F32 => P::F32,
+            StoredDType::F16 => P::F16,
+            StoredDType::BF16 => P::BF16,
+            StoredDType::F64 => P::F64,
+            StoredDType::I64 => P::I64,
+            StoredDType::I32 => P::I32,
+        };
+        let bytes = self.read(e)?.into_owned();
+        troupe_pt::Tensor::new(dtype, e.shape.clone(), bytes).map_err(|err| WeightError::Format {
+            path: self.path.clone(),
+            message: format!("`{key}`: {err}"),
+        })
     }
 
     fn materialise<const D: usize>(
@@ -895,23 +948,12 @@ pub fn to_host<const D: usize>(t: Tensor<D>) -> troupe_pt::Tensor {
     troupe_pt::Tensor::from_f32(shape, &values).expect("shape matches the values")
 }
 
+/// A host tensor as a `safetensors` view (for in-memory state dicts).
 struct HostView<'a>(&'a troupe_pt::Tensor);
 
 impl safetensors::View for HostView<'_> {
     fn dtype(&self) -> Dtype {
-        use troupe_pt::DType as P;
-        match self.0.dtype {
-            P::F64 => Dtype::F64,
-            P::F32 => Dtype::F32,
-            P::F16 => Dtype::F16,
-            P::BF16 => Dtype::BF16,
-            P::I64 => Dtype::I64,
-            P::I32 => Dtype::I32,
-            P::I16 => Dtype::I16,
-            P::I8 => Dtype::I8,
-            P::U8 => Dtype::U8,
-            P::Bool => Dtype::BOOL,
-        }
+        st_dtype(self.0.dtype)
     }
     fn shape(&self) -> &[usize] {
         &self.0.shape
@@ -924,66 +966,150 @@ impl safetensors::View for HostView<'_> {
     }
 }
 
-/// Adds `__metadata__` to a serialised safetensors buffer with its keys sorted: the
-/// `safetensors` crate writes a `HashMap` in random order, and the same content must give the
-/// same bytes (checkpoints are compared byte for byte).
-fn with_sorted_metadata(
-    bytes: Vec<u8>,
-    metadata: std::collections::HashMap<String, String>,
-) -> Vec<u8> {
-    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8-byte length")) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&bytes[8..8 + n]).expect("safetensors wrote a JSON header");
-    let mut meta: Vec<(String, String)> = metadata.into_iter().collect();
-    meta.sort();
-    let meta = meta
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
+/// The header `safetensors::serialize` writes for `tensors` (in its data order), with
+/// `__metadata__` added with its keys sorted: the `safetensors` crate writes a `HashMap` in
+/// random order, and the same content must give the same bytes. Padded to 8 bytes.
+fn header(
+    tensors: &[(String, Dtype, Vec<usize>, usize)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>, String> {
+    let mut offset = 0;
+    let infos = tensors
+        .iter()
+        .map(|(name, dtype, shape, len)| {
+            let info = safetensors::tensor::TensorInfo {
+                dtype: *dtype,
+                shape: shape.clone(),
+                data_offsets: (offset, offset + len),
+            };
+            offset += len;
+            (name.clone(), info)
+        })
         .collect();
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    let mut h = serde_json::to_vec(&header).expect("a JSON map serialises");
+    let meta = safetensors::tensor::Metadata::new(None, infos).map_err(|e| e.to_string())?;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&serde_json::to_string(&meta).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    if let Some(m) = metadata {
+        let mut meta: Vec<(String, String)> = m.into_iter().collect();
+        meta.sort();
+        let meta = meta
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    }
+    let mut h = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
     // The data section starts 8-byte aligned, as the format requires.
     while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
-    let mut out = Vec::with_capacity(8 + h.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(h.len() as u64).to_le_bytes());
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&bytes[8 + n..]);
-    out
+    Ok(h)
+}
+
+/// One tensor of a streamed safetensors file: name, dtype, shape.
+pub type TensorSpec = (String, troupe_pt::DType, Vec<usize>);
+
+/// Writes a `.safetensors` file tensor by tensor: `data(name)` is asked for each tensor's
+/// bytes (in `specs`' dtype) only when it is written, so at most one tensor is held. The
+/// bytes equal [`write_safetensors`] of the same tensors. Atomic: a temporary file in the same
+/// folder, fsync, rename; removed on failure.
+pub fn write_safetensors_streaming(
+    path: &Path,
+    specs: &[TensorSpec],
+    metadata: Option<std::collections::HashMap<String, String>>,
+    mut data: impl FnMut(&str) -> Result<Vec<u8>, WeightError>,
+) -> Result<(), WeightError> {
+    let shown = path.display().to_string();
+    let format = |message: String| WeightError::Format {
+        path: shown.clone(),
+        message,
+    };
+    // The data order of `safetensors::serialize`: descending dtype alignment, then name.
+    let mut order: Vec<(String, Dtype, Vec<usize>, usize)> = specs
+        .iter()
+        .map(|(name, dtype, shape)| {
+            let numel = shape.iter().product::<usize>();
+            (
+                name.clone(),
+                st_dtype(*dtype),
+                shape.clone(),
+                numel * dtype.itemsize(),
+            )
+        })
+        .collect();
+    order.sort_by(|(ln, ld, ..), (rn, rd, ..)| rd.cmp(ld).then(ln.cmp(rn)));
+    let h = header(&order, metadata).map_err(format)?;
+    let tmp = partial_path(path);
+    let result = (|| -> Result<(), WeightError> {
+        use std::io::Write;
+        let io = |source| WeightError::Write {
+            path: shown.clone(),
+            source,
+        };
+        let mut f =
+            std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);
+        f.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
+        f.write_all(&h).map_err(io)?;
+        for (name, _, _, len) in &order {
+            let bytes = data(name)?;
+            if bytes.len() != *len {
+                return Err(format(format!(
+                    "`{name}`: {} bytes given for a tensor of {len}",
+                    bytes.len()
+                )));
+            }
+            f.write_all(&bytes).map_err(io)?;
+        }
+        let f = f.into_inner().map_err(|e| io(e.into_error()))?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `.NAME.partial` next to `path`.
+fn partial_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+fn st_dtype(d: troupe_pt::DType) -> Dtype {
+    use troupe_pt::DType as P;
+    match d {
+        P::F64 => Dtype::F64,
+        P::F32 => Dtype::F32,
+        P::F16 => Dtype::F16,
+        P::BF16 => Dtype::BF16,
+        P::I64 => Dtype::I64,
+        P::I32 => Dtype::I32,
+        P::I16 => Dtype::I16,
+        P::I8 => Dtype::I8,
+        P::U8 => Dtype::U8,
+        P::Bool => Dtype::BOOL,
+    }
 }
 
 /// Writes named host tensors (any dtype) and string metadata as a `.safetensors` file,
-/// atomically: a temporary file in the same folder, fsync, rename.
+/// atomically (see [`write_safetensors_streaming`]).
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, troupe_pt::Tensor)],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<(), WeightError> {
-    let shown = path.display().to_string();
-    let views = tensors.iter().map(|(k, t)| (k.as_str(), HostView(t)));
-    let bytes = safetensors::serialize(views, None).map_err(|e| WeightError::Format {
-        path: shown.clone(),
-        message: e.to_string(),
-    })?;
-    let bytes = match metadata {
-        Some(m) => with_sorted_metadata(bytes, m),
-        None => bytes,
-    };
-    let io = |source| WeightError::Io {
-        path: shown.clone(),
-        source,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.partial"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let by_name: std::collections::HashMap<&str, &troupe_pt::Tensor> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    write_safetensors_streaming(path, &specs, metadata, |name| {
+        Ok(by_name[name].data.clone())
+    })
 }

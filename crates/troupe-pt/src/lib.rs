@@ -151,6 +151,23 @@ pub fn write_file(path: &Path, value: &Value) -> Result<(), Error> {
     zipfile::write_file(path, value, false).map_err(|k| Error::new(name, k))
 }
 
+/// Gives tensor `i`'s bytes (or why not) to [`write_file_streaming`].
+pub type TensorBytes<'a> = dyn FnMut(usize, &Tensor) -> Result<Vec<u8>, String> + 'a;
+
+/// Writes `value` like [`write_file`], but each tensor's bytes come from `data(i, tensor)`
+/// (tensors numbered in the order they appear in `value`) when it is written: the tensors in
+/// `value` give dtype and shape only (their `data` may be empty), and at most one tensor's
+/// bytes are held at a time. The file equals [`write_file`] of the same tensors.
+pub fn write_file_streaming(
+    path: &Path,
+    value: &Value,
+    data: &mut TensorBytes<'_>,
+) -> Result<(), Error> {
+    let name = path.display().to_string();
+    zipfile::write_file_with(path, value, false, zipfile::TensorData::Streamed(data))
+        .map_err(|k| Error::new(name, k))
+}
+
 /// Serialises `value` like [`write_file`] into memory, with `stem` as the
 /// archive's top-level folder name.
 pub fn write_bytes(value: &Value, stem: &str) -> Result<Vec<u8>, Error> {

@@ -182,7 +182,24 @@ impl<R: Read + Seek> StorageSource for Archive<R> {
 
 // ---------------------------------------------------------------- writing
 
+/// Where the tensors' bytes come from when writing.
+pub(crate) enum TensorData<'a> {
+    /// From the tensors in the value.
+    Inline,
+    /// From this function, asked for tensor `i` (storage key order) when it is written.
+    Streamed(&'a mut crate::TensorBytes<'a>),
+}
+
 pub(crate) fn write_file(path: &Path, value: &Value, force_zip64: bool) -> Result<(), ErrorKind> {
+    write_file_with(path, value, force_zip64, TensorData::Inline)
+}
+
+pub(crate) fn write_file_with(
+    path: &Path,
+    value: &Value,
+    force_zip64: bool,
+    data: TensorData<'_>,
+) -> Result<(), ErrorKind> {
     // torch names the top-level folder after the file; any name is accepted
     // on load, so fall back to "archive" for odd names.
     let stem = path
@@ -199,7 +216,7 @@ pub(crate) fn write_file(path: &Path, value: &Value, force_zip64: bool) -> Resul
     let partial = Path::new(&partial);
     let result = (|| -> Result<(), ErrorKind> {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(partial)?);
-        write_to(&mut w, stem, value, force_zip64)?;
+        write_to_with(&mut w, stem, value, force_zip64, data)?;
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         fs::rename(partial, path)?;
@@ -217,7 +234,18 @@ pub(crate) fn write_to<W: Write>(
     value: &Value,
     force_zip64: bool,
 ) -> Result<(), ErrorKind> {
-    let (pkl, tensors) = pickle_write::dump(value)?;
+    write_to_with(w, stem, value, force_zip64, TensorData::Inline)
+}
+
+fn write_to_with<W: Write>(
+    w: W,
+    stem: &str,
+    value: &Value,
+    force_zip64: bool,
+    mut data: TensorData<'_>,
+) -> Result<(), ErrorKind> {
+    let inline = matches!(data, TensorData::Inline);
+    let (pkl, tensors) = pickle_write::dump(value, inline)?;
     let mut z = ZipWriter {
         w,
         pos: 0,
@@ -233,7 +261,21 @@ pub(crate) fn write_to<W: Write>(
     )?;
     z.entry(&format!("{stem}/byteorder"), b"little")?;
     for (i, t) in tensors.iter().enumerate() {
-        z.entry(&format!("{stem}/data/{i}"), &t.data)?;
+        let name = format!("{stem}/data/{i}");
+        match &mut data {
+            TensorData::Inline => z.entry(&name, &t.data)?,
+            TensorData::Streamed(fetch) => {
+                let bytes = fetch(i, t).map_err(ErrorKind::Tensor)?;
+                let want = t.numel() * t.dtype.itemsize();
+                if bytes.len() != want {
+                    return Err(ErrorKind::Tensor(format!(
+                        "tensor {i}: {} bytes given for {want}",
+                        bytes.len()
+                    )));
+                }
+                z.entry(&name, &bytes)?;
+            }
+        }
     }
     z.entry(&format!("{stem}/version"), b"3\n")?;
     z.finish()?;

@@ -237,3 +237,65 @@ fn export_for_torch_check() {
     write_file(&dir.join("everything.bin"), &everything()).unwrap();
     json("everything.bin", &everything());
 }
+
+#[test]
+fn streaming_writer_equals_the_in_memory_writer() {
+    let t = |shape: Vec<usize>, seed: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|i| seed + i as f32 * 0.25).collect();
+        troupe_pt::Tensor::from_f32(shape, &v).unwrap()
+    };
+    let tensors = [t(vec![3, 4], 1.0), t(vec![5], -2.0), t(vec![2, 2, 2], 7.0)];
+    let value = |ts: &[troupe_pt::Tensor]| {
+        troupe_pt::Value::Dict(vec![
+            (
+                troupe_pt::Value::Str("group".into()),
+                troupe_pt::Value::OrderedDict(vec![
+                    (
+                        troupe_pt::Value::Str("a".into()),
+                        troupe_pt::Value::Tensor(ts[0].clone()),
+                    ),
+                    (
+                        troupe_pt::Value::Str("b".into()),
+                        troupe_pt::Value::Tensor(ts[1].clone()),
+                    ),
+                ]),
+            ),
+            (
+                troupe_pt::Value::Str("c".into()),
+                troupe_pt::Value::Tensor(ts[2].clone()),
+            ),
+        ])
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // One file name (the archive's folder is named after it), two folders.
+    std::fs::create_dir_all(dir.path().join("a")).unwrap();
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let (whole, streamed) = (dir.path().join("a/mask.bin"), dir.path().join("b/mask.bin"));
+    troupe_pt::write_file(&whole, &value(&tensors)).unwrap();
+    // Placeholders carry dtype and shape; the bytes arrive when each entry is written.
+    let empty: Vec<troupe_pt::Tensor> = tensors
+        .iter()
+        .map(|t| troupe_pt::Tensor {
+            data: Vec::new(),
+            ..t.clone()
+        })
+        .collect();
+    let mut asked = Vec::new();
+    troupe_pt::write_file_streaming(&streamed, &value(&empty), &mut |i, _| {
+        asked.push(i);
+        Ok(tensors[i].data.clone())
+    })
+    .unwrap();
+    assert_eq!(asked, [0, 1, 2]);
+    assert!(std::fs::read(&whole).unwrap() == std::fs::read(&streamed).unwrap());
+    // Bytes of the wrong size are refused and nothing is left behind.
+    let e = troupe_pt::write_file_streaming(
+        &dir.path().join("bad.bin"),
+        &value(&empty),
+        &mut |_, _| Ok(vec![0; 3]),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("bytes given"), "{e}");
+    assert!(!dir.path().join("bad.bin").exists() && !dir.path().join("bad.bin.partial").exists());
+}
