@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Subcommand, ValueEnum};
 use troupe_models::adapter::{Adapter, AdapterSpec};
-use troupe_models::adapter_file::{AdapterFormat, ExportDType, export_adapter, write_adapter};
+use troupe_models::adapter_file::{AdapterFormat, ExportDType, export_adapter};
 use troupe_models::unet::UNet2DConditionConfig;
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -116,23 +116,16 @@ pub fn run(cmd: AdapterCommand) -> Result<ExitCode> {
             let device = burn::prelude::Device::flex();
             let adapter = Adapter::fresh(&config, spec, seed, &device)
                 .with_context(|| format!("building an adapter for {}", unet_config.display()))?;
-            let tensors = adapter.tensors();
             let meta = adapter.metadata([
                 ("base_model".to_string(), unet_config.display().to_string()),
                 ("step".to_string(), "0".to_string()),
             ]);
-            write_adapter(
-                &out,
-                &tensors,
-                AdapterFormat::Safetensors,
-                ExportDType::F32,
-                meta,
-            )?;
+            // Streamed: each tensor is copied out of the model only as it is written.
+            adapter.write(&out, AdapterFormat::Safetensors, ExportDType::F32, meta)?;
             let processors = adapter.unet.processors().len();
             println!(
-                "{}: {} tensors, {processors} attention processors, LoRA rank {}",
+                "{}: {processors} attention processors, LoRA rank {}",
                 out.display(),
-                tensors.len(),
                 adapter.spec.lora_rank
             );
             Ok(ExitCode::SUCCESS)

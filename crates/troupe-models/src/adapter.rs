@@ -357,6 +357,26 @@ impl Adapter {
         sd.into_exported()
     }
 
+    /// Writes the trainable weights (export layout) to `path` as `format` in `dtype`,
+    /// streaming: each tensor is copied to the host only as it is written.
+    pub fn write(
+        &self,
+        path: &std::path::Path,
+        format: crate::adapter_file::AdapterFormat,
+        dtype: crate::adapter_file::ExportDType,
+        metadata: std::collections::HashMap<String, String>,
+    ) -> Result<(), WeightError> {
+        let mut sd = StateDict::exporter();
+        self.clone().walk(&mut sd);
+        crate::adapter_file::write_adapter_lazy(
+            path,
+            sd.into_exported_lazy(),
+            format,
+            dtype,
+            metadata,
+        )
+    }
+
     /// Loads trainable weights in the export layout; every key must match.
     pub fn load_tensors(&mut self, mut sd: StateDict) -> Result<(), WeightError> {
         self.walk(&mut sd);

@@ -73,6 +73,29 @@ pub fn write_adapter(
     })
 }
 
+/// [`write_adapter`] for tensors copied to the host one at a time as they are written (see
+/// [`crate::weights::StateDict::into_exported_lazy`]): a module streams to its file holding
+/// one tensor beside itself.
+pub fn write_adapter_lazy(
+    path: &Path,
+    tensors: Vec<crate::weights::Exported>,
+    format: AdapterFormat,
+    dtype: ExportDType,
+    metadata: HashMap<String, String>,
+) -> Result<(), WeightError> {
+    let shapes: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, s, _)| (k.clone(), s.clone()))
+        .collect();
+    let mut copies: HashMap<String, _> = tensors.into_iter().map(|(k, _, c)| (k, c)).collect();
+    write_streamed(path, &shapes, format, dtype, metadata, &mut |key| {
+        let copy = copies
+            .remove(key)
+            .ok_or_else(|| format_error(path, format!("`{key}` asked for twice")))?;
+        Ok(copy())
+    })
+}
+
 /// Writes the tensors `shapes` names (export layout, in that order) as `format` in `dtype`,
 /// asking `tensor(key)` for each one only when it is written: at most one tensor (and its
 /// converted copy) is held at a time. Atomic; nothing is left behind on failure.

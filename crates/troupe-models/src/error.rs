@@ -44,7 +44,7 @@ pub fn read_json_config<T: serde::de::DeserializeOwned>(
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| WeightError::Io {
         path: shown.clone(),
-        source,
+        cause: source,
     })?;
     Ok(serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?)
 }

@@ -42,20 +42,20 @@ pub struct ShapeMismatch {
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {cause}")]
     Io {
         /// File path.
         path: String,
-        /// Underlying error.
-        source: std::io::Error,
+        /// Underlying error (in the message, so not also a `source`).
+        cause: std::io::Error,
     },
     /// The file could not be written.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {cause}")]
     Write {
         /// File path.
         path: String,
-        /// Underlying error.
-        source: std::io::Error,
+        /// Underlying error (in the message, so not also a `source`).
+        cause: std::io::Error,
     },
     /// The file is not valid safetensors (or a broken shard index).
     #[error("{path}: {message}")]
@@ -133,6 +133,14 @@ fn keys_report(missing: &[String], unexpected: &[String], shapes: &[ShapeMismatc
     );
     s
 }
+
+/// A parameter an exporter collected: key, PyTorch shape, and its host copy on demand (f32,
+/// PyTorch layout).
+pub type Exported = (
+    String,
+    Vec<usize>,
+    Box<dyn FnOnce() -> troupe_pt::Tensor + Send>,
+);
 
 /// Stored element type of one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -266,7 +274,7 @@ pub struct StateDict {
     /// The first read error met by a module loader (reported by `finish`).
     failure: Option<WeightError>,
     /// Export mode: module "loaders" copy parameters out instead of in.
-    export: Option<Vec<(String, troupe_pt::Tensor)>>,
+    export: Option<Vec<Exported>>,
     /// Naming mode: module "loaders" record each parameter's key and id.
     names: Option<Vec<(String, burn::module::ParamId)>>,
     missing: Vec<String>,
@@ -325,6 +333,15 @@ impl StateDict {
 
     /// The tensors an exporter collected (f32, PyTorch layout), in visiting order.
     pub fn into_exported(self) -> Vec<(String, troupe_pt::Tensor)> {
+        self.into_exported_lazy()
+            .into_iter()
+            .map(|(key, _, host)| (key, host()))
+            .collect()
+    }
+
+    /// What an exporter collected, each tensor copied to the host only when asked for: key,
+    /// PyTorch shape, and the copy. Streaming a module to a file holds one tensor at a time.
+    pub fn into_exported_lazy(self) -> Vec<Exported> {
         self.export.unwrap_or_default()
     }
 
@@ -364,7 +381,7 @@ impl StateDict {
                 .join(format!("{stem}.safetensors"))
                 .display()
                 .to_string(),
-            source: std::io::Error::new(
+            cause: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("no {stem}.safetensors (or sharded index) in this folder"),
             ),
@@ -376,7 +393,7 @@ impl StateDict {
         let path = index.display().to_string();
         let text = std::fs::read_to_string(index).map_err(|source| WeightError::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         let format = |message: String| WeightError::Format {
             path: path.clone(),
@@ -447,7 +464,7 @@ impl StateDict {
     fn add_file(&mut self, path: &Path) -> Result<(), WeightError> {
         let io = |source| WeightError::Io {
             path: path.display().to_string(),
-            source,
+            cause: source,
         };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; a file truncated by another process while mapped
@@ -644,7 +661,7 @@ impl StateDict {
             .read(e.range.clone())
             .map_err(|source| WeightError::Io {
                 path: self.path.clone(),
-                source,
+                cause: source,
             })
     }
 
@@ -728,7 +745,11 @@ impl StateDict {
             // closure turns burn's layout back into PyTorch's.
             let t = to_burn(p.val());
             debug_assert_eq!(t.dims(), torch_shape);
-            out.push((key.to_string(), to_host(t)));
+            out.push((
+                key.to_string(),
+                torch_shape.to_vec(),
+                Box::new(move || to_host(t)),
+            ));
             return;
         }
         let Some(entry) = self.entries.remove(key) else {
@@ -931,7 +952,7 @@ pub fn model_file(dir: &Path, name: &str) -> Result<PathBuf, WeightError> {
     } else {
         Err(WeightError::Io {
             path: p.display().to_string(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
+            cause: std::io::Error::new(std::io::ErrorKind::NotFound, "file not found"),
         })
     }
 }
@@ -1045,7 +1066,7 @@ pub fn write_safetensors_streaming(
         use std::io::Write;
         let io = |source| WeightError::Write {
             path: shown.clone(),
-            source,
+            cause: source,
         };
         let mut f =
             std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp).map_err(io)?);

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use troupe_data::loader::LoaderState;
 use troupe_models::adapter::Adapter;
-use troupe_models::adapter_file::{AdapterFile, AdapterFormat, ExportDType, write_adapter};
+use troupe_models::adapter_file::{AdapterFile, AdapterFormat, ExportDType};
 
 use crate::optim::{AdamW, AdamWConfig};
 
@@ -78,9 +78,8 @@ pub fn save(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir(&tmp)?;
-    write_adapter(
+    adapter.write(
         &tmp.join("adapter.safetensors"),
-        &adapter.tensors(),
         AdapterFormat::Safetensors,
         ExportDType::F32,
         metadata,

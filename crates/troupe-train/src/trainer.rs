@@ -21,7 +21,7 @@ use troupe_data::shard::find_shards;
 use troupe_diffusion::conditioning::Encoders;
 use troupe_diffusion::pipeline::Pipeline;
 use troupe_models::adapter::Adapter;
-use troupe_models::adapter_file::{AdapterFormat, ExportDType, write_adapter};
+use troupe_models::adapter_file::{AdapterFormat, ExportDType};
 use troupe_models::unet::UNet2DConditionModel;
 
 use crate::checkpoint::{self, TrainState};
@@ -488,9 +488,8 @@ impl Run {
     /// The finished adapter, ready for the reference pipeline (see `troupe export`).
     fn export_final(&self) -> Result<()> {
         let path = self.config.run.dir.join("adapter.safetensors");
-        write_adapter(
+        self.pipeline.adapter.write(
             &path,
-            &self.pipeline.adapter.tensors(),
             AdapterFormat::Safetensors,
             ExportDType::F32,
             self.adapter_metadata(true),
