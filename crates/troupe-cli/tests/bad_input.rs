@@ -17,6 +17,49 @@ struct Case {
     names: &'static [&'static str],
 }
 
+/// Files every case finds in `{tmp}` (name, contents).
+const FILES: &[(&str, &str)] = &[
+    ("garbage.parquet", "PAR1 this is not a parquet file PAR1"),
+    ("empty.parquet", ""),
+    ("bad_json.jsonl", "{\"image\": \"a.png\", \"caption\": \n"),
+    (
+        "missing_image.jsonl",
+        "{\"image\": \"nope.png\", \"caption\": \"c\", \"characters\": []}\n",
+    ),
+    (
+        "caption_number.jsonl",
+        "{\"image\": \"nope.png\", \"caption\": 5, \"characters\": []}\n",
+    ),
+    (
+        "no_mask.jsonl",
+        "{\"image\": \"nope.png\", \"caption\": \"c\", \"characters\": [{\"embedding\": \"e.npy\"}]}\n",
+    ),
+    (
+        "unknown_field.jsonl",
+        "{\"image\": \"nope.png\", \"caption\": \"c\", \"characters\": [], \"colour\": 1}\n",
+    ),
+    ("not_json.json", "{{{"),
+    ("array.json", "[1, 2]"),
+    ("key_x.json", "{\"x\": []}"),
+    (
+        "five_values.json",
+        "{\"1\": [[\"a.png\", \"\", \"m.png\", \"c\", 1]]}",
+    ),
+    (
+        "persons_text.json",
+        "{\"1\": [[\"a.png\", \"\", \"m.png\", \"c\", \"two\", \"f\"]]}",
+    ),
+    ("not_toml.toml", "[run\ndir = "),
+    ("model_empty/config.json", "{}"),
+    ("model_bad_json/config.json", "{\"_class_name\": "),
+    ("garbage.bin", "PK\u{3}\u{4} not a zip at all"),
+    (
+        "garbage.safetensors",
+        "\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{7f}{}",
+    ),
+    ("no_metrics/placeholder", ""),
+];
+
 const UNET_TINY: &str = "configs/tiny-sdxl/unet/config.json";
 
 /// `troupe train --config configs/tiny.toml --set run.dir={tmp}/run --set …`.
@@ -243,6 +286,268 @@ const CASES: &[Case] = &[
         ],
         names: &["to_out_lora.down.weight"],
     },
+    // Shards.
+    Case {
+        args: &["data", "check", "{tmp}/garbage.parquet"],
+        names: &["garbage.parquet", "Parquet"],
+    },
+    Case {
+        args: &["data", "check", "{tmp}/empty.parquet"],
+        names: &["empty.parquet"],
+    },
+    Case {
+        args: &["data", "check", "{tmp}/absent.parquet"],
+        names: &["absent.parquet"],
+    },
+    Case {
+        args: &["data", "preview", "{tmp}/garbage.parquet"],
+        names: &["garbage.parquet", "Parquet"],
+    },
+    Case {
+        args: &["data", "stats", "{tmp}/garbage.parquet"],
+        names: &["garbage.parquet"],
+    },
+    Case {
+        args: &["data", "preview", "datasets/tiny", "--batch-size", "0"],
+        names: &["batch"],
+    },
+    // Manifests.
+    Case {
+        args: &["data", "pack", "{tmp}/bad_json.jsonl", "--out", "{tmp}/out"],
+        names: &["bad_json.jsonl: line 1"],
+    },
+    Case {
+        args: &[
+            "data",
+            "pack",
+            "{tmp}/missing_image.jsonl",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["line 1", "image", "nope.png"],
+    },
+    Case {
+        args: &[
+            "data",
+            "pack",
+            "{tmp}/caption_number.jsonl",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["line 1", "caption"],
+    },
+    Case {
+        args: &["data", "pack", "{tmp}/no_mask.jsonl", "--out", "{tmp}/out"],
+        names: &["line 1", "mask"],
+    },
+    Case {
+        args: &[
+            "data",
+            "pack",
+            "{tmp}/unknown_field.jsonl",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["line 1", "colour"],
+    },
+    Case {
+        args: &["data", "pack", "{tmp}/absent.jsonl", "--out", "{tmp}/out"],
+        names: &["absent.jsonl"],
+    },
+    // StoryMaker indexes.
+    Case {
+        args: &[
+            "data",
+            "import-storymaker",
+            "{tmp}/not_json.json",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["not_json.json", "JSON"],
+    },
+    Case {
+        args: &[
+            "data",
+            "import-storymaker",
+            "{tmp}/array.json",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["array.json", "keyed by person count"],
+    },
+    Case {
+        args: &[
+            "data",
+            "import-storymaker",
+            "{tmp}/key_x.json",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["key_x.json", "person counts"],
+    },
+    Case {
+        args: &[
+            "data",
+            "import-storymaker",
+            "{tmp}/five_values.json",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["five_values.json", "expected 6 values"],
+    },
+    Case {
+        args: &[
+            "data",
+            "import-storymaker",
+            "{tmp}/persons_text.json",
+            "--out",
+            "{tmp}/out",
+        ],
+        names: &["persons_text.json", "num_persons"],
+    },
+    // More training config values and files.
+    Case {
+        args: train_with!("train.foo=1"),
+        names: &["foo"],
+    },
+    Case {
+        args: train_with!("train.max_steps=\"many\""),
+        names: &["max_steps"],
+    },
+    Case {
+        args: train_with!("train.lr=-1"),
+        names: &["train.lr"],
+    },
+    Case {
+        args: train_with!("objective.drop_text=1.5"),
+        names: &["drop_text", "≤ 1"],
+    },
+    Case {
+        args: train_with!("checkpoint.every_steps=0"),
+        names: &["checkpoint.every_steps"],
+    },
+    Case {
+        args: train_with!("data.shards=[]"),
+        names: &["data.shards"],
+    },
+    Case {
+        args: train_with!("data.on_bad_row=\"maybe\""),
+        names: &["data.on_bad_row"],
+    },
+    Case {
+        args: train_with!("data.shuffle_window=0"),
+        names: &["data.shuffle_window"],
+    },
+    Case {
+        args: train_with!("data.repeat_by_characters=[1, 0]"),
+        names: &["data.repeat_by_characters"],
+    },
+    Case {
+        args: train_with!("train.max_grad_norm=0"),
+        names: &["train.max_grad_norm"],
+    },
+    Case {
+        args: train_with!("train.adamw.beta1=1.0"),
+        names: &["train.adamw.beta1"],
+    },
+    Case {
+        args: train_with!("objective.attn_latent_downscale=3"),
+        names: &["objective.attn_latent_downscale"],
+    },
+    Case {
+        args: train_with!("model.base=\"{tmp}/no-model\""),
+        names: &["model.base", "no-model"],
+    },
+    Case {
+        args: train_with!("train.max_steps"),
+        names: &["key=value"],
+    },
+    Case {
+        args: &["train", "--config", "{tmp}/absent.toml"],
+        names: &["absent.toml"],
+    },
+    Case {
+        args: &["train", "--config", "{tmp}/not_toml.toml"],
+        names: &["not_toml.toml"],
+    },
+    Case {
+        args: &["train", "--resume", "{tmp}/no-run"],
+        names: &["no-run", "config.toml"],
+    },
+    // Model folders and weight files.
+    Case {
+        args: &["inspect", "{tmp}/absent"],
+        names: &["absent"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/model_empty"],
+        names: &["model_empty", "config.json"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/model_bad_json"],
+        names: &["model_bad_json", "config.json"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/garbage.bin"],
+        names: &["garbage.bin"],
+    },
+    Case {
+        args: &["inspect", "{tmp}/garbage.safetensors"],
+        names: &["garbage.safetensors"],
+    },
+    Case {
+        args: &[
+            "export",
+            "{tmp}/absent.safetensors",
+            "--out",
+            "{tmp}/o.safetensors",
+        ],
+        names: &["absent.safetensors"],
+    },
+    // Other commands' arguments.
+    Case {
+        args: &["debug", "bench-train", "--unet-config", "{tmp}/absent.json"],
+        names: &["absent.json"],
+    },
+    Case {
+        args: &[
+            "debug",
+            "bench-train",
+            "--unet-config",
+            UNET_TINY,
+            "--device",
+            "tpu",
+        ],
+        names: &["--device", "tpu"],
+    },
+    Case {
+        args: &[
+            "debug",
+            "bench-train",
+            "--unet-config",
+            UNET_TINY,
+            "--dtype",
+            "f8",
+        ],
+        names: &["--dtype", "f8"],
+    },
+    Case {
+        args: &["plot", "{tmp}/no_metrics"],
+        names: &["metrics.jsonl"],
+    },
+    Case {
+        args: &[
+            "eval",
+            "run",
+            "--protocol",
+            "{tmp}/absent.toml",
+            "--adapter",
+            "{tmp}/a.safetensors",
+            "--out",
+            "{tmp}/e",
+        ],
+        names: &["absent.toml"],
+    },
     // Debug commands on inputs of the wrong shape.
     Case {
         args: &[
@@ -384,6 +689,11 @@ fn every_bad_input_is_refused_by_name_without_a_panic() {
         unet_inputs(&tmp.path().join("wrong_channels.safetensors"), 3, 32);
         unet_inputs(&tmp.path().join("wrong_context.safetensors"), 4, 31);
         damaged_adapters(tmp.path());
+        for (name, contents) in FILES {
+            let path = tmp.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
         let args: Vec<String> = case.args.iter().map(|a| a.replace("{tmp}", &dir)).collect();
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = troupe(&args);

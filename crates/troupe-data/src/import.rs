@@ -131,6 +131,25 @@ fn import_entry(
             ),
         )));
     }
+    // Structure first: a wrong count is reported before any file is read.
+    let n = entry[4]
+        .as_u64()
+        .filter(|n| (1..=MAX_CHARACTERS as u64).contains(n))
+        .ok_or_else(|| {
+            one(DataError::new(
+                field_at("num_persons"),
+                format!(
+                    "expected an integer from 1 to {MAX_CHARACTERS}, found {}",
+                    entry[4]
+                ),
+            ))
+        })? as usize;
+    if n != persons {
+        return Err(one(DataError::new(
+            field_at("num_persons"),
+            format!("is {n}, but the entry is listed under \"{persons}\""),
+        )));
+    }
     let text = |i: usize, name: &str| -> Result<Option<String>> {
         match &entry[i] {
             serde_json::Value::String(s) if !s.is_empty() => Ok(Some(s.clone())),
@@ -198,24 +217,6 @@ fn import_entry(
             )));
         }
     };
-    let n = entry[4]
-        .as_u64()
-        .filter(|n| (1..=MAX_CHARACTERS as u64).contains(n))
-        .ok_or_else(|| {
-            one(DataError::new(
-                field_at("num_persons"),
-                format!(
-                    "expected an integer from 1 to {MAX_CHARACTERS}, found {}",
-                    entry[4]
-                ),
-            ))
-        })? as usize;
-    if n != persons {
-        return Err(one(DataError::new(
-            field_at("num_persons"),
-            format!("is {n}, but the entry is listed under \"{persons}\""),
-        )));
-    }
     let faceid_dir = base.join(required(5, "faceid_dir").map_err(one)?);
 
     let mut characters = Vec::with_capacity(n);
