@@ -52,6 +52,10 @@ const FILES: &[(&str, &str)] = &[
     ("not_toml.toml", "[run\ndir = "),
     ("model_empty/config.json", "{}"),
     ("model_bad_json/config.json", "{\"_class_name\": "),
+    (
+        "model_null/config.json",
+        "{\"_class_name\": \"UNet2DConditionModel\", \"in_channels\": null}",
+    ),
     ("garbage.bin", "PK\u{3}\u{4} not a zip at all"),
     (
         "garbage.safetensors",

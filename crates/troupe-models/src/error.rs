@@ -37,7 +37,8 @@ pub enum ModelError {
     Weights(#[from] WeightError),
 }
 
-/// Reads a JSON config file into `T`; errors name the file (and serde's line/column).
+/// Reads a JSON config file into `T`; errors name the file and the field (its path in the
+/// JSON, via `serde_path_to_error`), with serde's line and column.
 pub fn read_json_config<T: serde::de::DeserializeOwned>(
     path: &std::path::Path,
 ) -> Result<T, ModelError> {
@@ -46,5 +47,10 @@ pub fn read_json_config<T: serde::de::DeserializeOwned>(
         path: shown.clone(),
         cause: source,
     })?;
-    Ok(serde_json::from_str(&text).map_err(|e| ConfigError::new(&shown, "", e.to_string()))?)
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    Ok(serde_path_to_error::deserialize(de).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        ConfigError::new(&shown, &field, e.into_inner().to_string())
+    })?)
 }
