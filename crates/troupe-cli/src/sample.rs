@@ -241,10 +241,16 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
 
-    let total: usize = jobs.iter().map(|j| j.settings.num_images).sum();
+    let groups = batches(&jobs, args.batch_size);
+    let total_steps: u64 = groups
+        .iter()
+        .map(|r| jobs[r.start].settings.steps as u64)
+        .sum();
+    let mut progress = troupe_train::progress::Progress::new(total_steps, "steps");
     let started = Instant::now();
     let (mut done, mut all, mut columns) = (0usize, Vec::new(), 1usize);
-    for range in batches(&jobs, args.batch_size) {
+    let mut steps_done = 0u64;
+    for range in groups {
         let group = &jobs[range.clone()];
         let (steps, images) = (
             group[0].settings.steps,
@@ -259,11 +265,9 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             let secs = started.elapsed().as_secs_f64();
             let frac = done as f64 + (i + 1) as f64 / steps as f64 * images as f64;
             let rate = frac / secs.max(1e-9);
-            let eta = (total as f64 - frac) / rate.max(1e-12);
-            eprint!(
-                "\r{label}: step {}/{steps} | {rate:.3} images/s | ETA {}\x1b[K",
-                i + 1,
-                troupe_train::records::format_eta(eta)
+            progress.set(
+                steps_done + i as u64 + 1,
+                &format!("{label} | {rate:.3} images/s"),
             );
         };
         let requests = range
@@ -275,7 +279,7 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
             })
             .collect();
         let outputs = pipeline.generate_batch(requests, &mut on_step)?;
-        eprintln!();
+        steps_done += steps as u64;
         for (job, images) in group.iter().zip(outputs) {
             for (i, img) in to_rgb8(images).into_iter().enumerate() {
                 let stem = format!("{}-{i:02}", job.name);

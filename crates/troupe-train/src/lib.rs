@@ -25,6 +25,7 @@ pub mod losses;
 pub mod objective;
 pub mod optim;
 pub mod pretrained;
+pub mod progress;
 pub mod records;
 pub mod samples;
 pub mod tensorboard;

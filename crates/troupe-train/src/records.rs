@@ -1,6 +1,5 @@
 //! What a run records as it goes: one `metrics.jsonl` line and TensorBoard scalars per logged
-//! step, and a progress bar on stderr (redrawn in place on a terminal, one line per update
-//! in logs).
+//! step, and progress on stderr ([`crate::progress`]).
 
 use std::io::Write;
 use std::path::Path;
@@ -8,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
+use crate::progress::Progress;
 use crate::tensorboard::EventWriter;
 
 /// Measurements of one optimizer step.
@@ -39,7 +39,7 @@ pub struct StepStats {
 pub struct Records {
     metrics: std::fs::File,
     events: EventWriter,
-    interactive: bool,
+    progress: Progress,
     started: Instant,
     start_step: u64,
     samples: usize,
@@ -50,7 +50,7 @@ impl Records {
     /// rates count from `start_step`. Records of steps after `start_step` (logged by an earlier
     /// process after the checkpoint it resumes from, or torn by a kill) are cut first, from
     /// both, so a resumed run's records equal an uninterrupted run's.
-    pub fn open(dir: &Path, start_step: u64) -> Result<Self> {
+    pub fn open(dir: &Path, start_step: u64, max_steps: u64) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         cut_metrics(&path, start_step)?;
         crate::tensorboard::cut_event_files(dir, start_step)
@@ -65,7 +65,7 @@ impl Records {
         Ok(Self {
             metrics,
             events,
-            interactive: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            progress: Progress::new(max_steps.saturating_sub(start_step), "steps"),
             started: Instant::now(),
             start_step,
             samples: 0,
@@ -73,15 +73,8 @@ impl Records {
     }
 
     /// Counts the step's samples; when `log` is set, writes its metrics line, scalars and
-    /// progress (`step` of `max_steps`, `skipped` non-finite steps so far).
-    pub fn step(
-        &mut self,
-        s: &StepStats,
-        step: u64,
-        max_steps: u64,
-        skipped: u64,
-        log: bool,
-    ) -> Result<()> {
+    /// progress (`skipped` non-finite steps so far).
+    pub fn step(&mut self, s: &StepStats, step: u64, skipped: u64, log: bool) -> Result<()> {
         self.samples += s.samples;
         if !log {
             return Ok(());
@@ -107,18 +100,11 @@ impl Records {
                 ("samples_per_s", rate),
             ],
         )?;
-        let done = step - self.start_step;
-        let eta = secs / done.max(1) as f64 * (max_steps - step) as f64;
-        let line = format!(
-            "{} step {step:>6}/{max_steps} | loss {:.4} (noise {:.4}, attn {:.4}) | lr {:.2e} | {rate:.2} samples/s | ETA {}",
-            progress_bar(step, max_steps),
-            s.loss,
-            s.noise_loss,
-            s.attn_loss,
-            s.lr,
-            format_eta(eta)
+        let message = format!(
+            "loss {:.4} (noise {:.4}, attn {:.4}) | lr {:.2e} | {rate:.2} samples/s",
+            s.loss, s.noise_loss, s.attn_loss, s.lr,
         );
-        self.show(&line, step == max_steps);
+        self.progress.set(step - self.start_step, &message);
         Ok(())
     }
 
@@ -152,15 +138,6 @@ impl Records {
     ) -> Result<()> {
         self.events.image(step, tag, png, width, height)?;
         Ok(())
-    }
-
-    fn show(&self, line: &str, last: bool) {
-        if self.interactive {
-            let end = if last { "\n" } else { "" };
-            eprint!("\r{line}\x1b[K{end}");
-        } else {
-            eprintln!("{line}");
-        }
     }
 
     /// Flushes the metrics file to disk.
@@ -226,32 +203,4 @@ fn cut_metrics(path: &Path, step: u64) -> Result<()> {
     }
     crate::checkpoint::write_atomic(path, text.as_bytes())
         .with_context(|| format!("rewriting {} up to step {step}", path.display()))
-}
-
-/// `[========>         ]` for `done` of `total`.
-fn progress_bar(done: u64, total: u64) -> String {
-    const WIDTH: usize = 20;
-    let filled = ((done as f64 / total.max(1) as f64) * WIDTH as f64).round() as usize;
-    let filled = filled.min(WIDTH);
-    let head = if filled < WIDTH && filled > 0 {
-        ">"
-    } else {
-        ""
-    };
-    let bar = "=".repeat(filled.saturating_sub(head.len())) + head;
-    format!("[{bar:<WIDTH$}]")
-}
-
-/// `1h02m`, `3m05s`, `42s`.
-pub fn format_eta(secs: f64) -> String {
-    let s = if secs.is_finite() {
-        secs.max(0.0).round() as u64
-    } else {
-        0
-    };
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-    }
 }

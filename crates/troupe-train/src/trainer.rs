@@ -291,7 +291,7 @@ impl Run {
             size.unwrap_or(pipeline.default_size),
         )?;
         let validation = Validation::prepare(&config, &pipeline.encoders)?;
-        let records = Records::open(&dir, state.step)?;
+        let records = Records::open(&dir, state.step, config.train.max_steps)?;
         let outcome = Outcome {
             step: state.step,
             interrupted: false,
@@ -527,7 +527,7 @@ fn run(
         let step = run.state.step;
         let log = step % run.config.train.log_every == 0 || step == max_steps;
         let skipped = run.state.skipped_nonfinite;
-        run.records.step(&stats, step, max_steps, skipped, log)?;
+        run.records.step(&stats, step, skipped, log)?;
         run.evaluate_if_due()?;
         let interrupted = stop.load(Ordering::SeqCst);
         run.checkpoint_if_due(interrupted)?;
