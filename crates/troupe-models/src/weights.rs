@@ -734,7 +734,7 @@ impl StateDict {
         p: &mut Param<Tensor<D>>,
         key: &str,
         torch_shape: [usize; D],
-        to_burn: impl FnOnce(Tensor<D>) -> Tensor<D>,
+        to_burn: impl FnOnce(Tensor<D>) -> Tensor<D> + Send + 'static,
     ) {
         if let Some(names) = self.names.as_mut() {
             names.push((key.to_string(), p.id));
@@ -742,13 +742,14 @@ impl StateDict {
         }
         if let Some(out) = self.export.as_mut() {
             // The layout maps are involutions (identity or a 2-D transpose), so the same
-            // closure turns burn's layout back into PyTorch's.
-            let t = to_burn(p.val());
-            debug_assert_eq!(t.dims(), torch_shape);
+            // closure turns burn's layout back into PyTorch's. It runs when the copy is taken:
+            // a transpose may materialise, and doing them all up front would double the
+            // module's memory.
+            let t = p.val();
             out.push((
                 key.to_string(),
                 torch_shape.to_vec(),
-                Box::new(move || to_host(t)),
+                Box::new(move || to_host(to_burn(t))),
             ));
             return;
         }
