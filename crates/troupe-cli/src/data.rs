@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use troupe_data::DataError;
-use troupe_data::check::{check_shards, stats};
+use troupe_data::check::{check_shards_with, stats};
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
 use troupe_data::pack::{OnBadLine, PackReport, pack_manifest_with};
@@ -208,6 +208,15 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
     }
 }
 
+/// A progress display for `(done, total)` reports, made at the first (when the total is known).
+fn progress(unit: &'static str) -> impl FnMut(u64, u64) {
+    let mut bar: Option<troupe_train::progress::Progress> = None;
+    move |done, total| {
+        bar.get_or_insert_with(|| troupe_train::progress::Progress::new(total, unit))
+            .set(done, unit)
+    }
+}
+
 pub fn run(cmd: DataCommand) -> Result<ExitCode> {
     let limits = DecodeLimits::default();
     match cmd {
@@ -227,15 +236,17 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 out.policy(),
                 limits,
                 identity,
+                &mut progress("lines"),
             ))
         }
         DataCommand::ImportStorymaker { index, out } => {
-            report_pack(troupe_data::import::import_storymaker(
+            report_pack(troupe_data::import::import_storymaker_with(
                 &index,
                 &out.out,
                 out.options(),
                 out.policy(),
                 limits,
+                &mut progress("entries"),
             ))
         }
         DataCommand::Check {
@@ -246,7 +257,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             let shards = find_shards(&paths)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let report = check_shards(&shards, limits, threads);
+            let report = check_shards_with(&shards, limits, threads, &mut progress("rows"));
             print_problems(&report.problems, max_problems);
             println!(
                 "checked {} shard(s), {} rows: {} problem(s) in {} row(s)",

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{DecodeLimits, decode_gray, decode_rgb};
+use crate::pack::OnProgress;
 use crate::schema::{self, Sample, col};
 use crate::shard::ShardReader;
 
@@ -95,28 +96,57 @@ pub struct CheckReport {
 /// Checks every row of every shard on `threads` threads. File-level problems (unreadable file,
 /// unknown schema version, missing column) are reported and the next file is checked.
 pub fn check_shards(paths: &[PathBuf], limits: DecodeLimits, threads: usize) -> CheckReport {
+    check_shards_with(paths, limits, threads, &mut |_, _| {})
+}
+
+/// [`check_shards`], telling `progress` the rows checked of all shards' rows (from their
+/// footers; unreadable shards count 0).
+pub fn check_shards_with(
+    paths: &[PathBuf],
+    limits: DecodeLimits,
+    threads: usize,
+    progress: &mut OnProgress<'_>,
+) -> CheckReport {
     let mut report = CheckReport::default();
     let mut ids = std::collections::HashMap::new();
+    let total: u64 = paths
+        .iter()
+        .filter_map(|p| ShardReader::open(p).ok().map(|r| r.num_rows()))
+        .sum();
     for path in paths {
         report.files += 1;
-        if let Err(e) = check_shard(path, limits, threads.max(1), &mut report, &mut ids) {
+        let step = Step {
+            limits,
+            threads: threads.max(1),
+            total,
+        };
+        if let Err(e) = check_shard(path, &step, &mut report, &mut ids, progress) {
             report.problems.push(e);
         }
     }
     report
 }
 
-fn check_shard(
-    path: &Path,
+/// Settings of one [`check_shards_with`] pass.
+struct Step {
     limits: DecodeLimits,
     threads: usize,
+    total: u64,
+}
+
+fn check_shard(
+    path: &Path,
+    step: &Step,
     report: &mut CheckReport,
     ids: &mut std::collections::HashMap<String, Location>,
+    progress: &mut OnProgress<'_>,
 ) -> Result<()> {
+    let (limits, threads) = (step.limits, step.threads);
     let reader = ShardReader::open(path)?;
     for g in 0..reader.num_row_groups() {
         let rows = reader.read_row_group(g)?;
         report.rows += rows.len() as u64;
+        progress(report.rows, step.total);
         let chunk = rows.len().div_ceil(threads).max(1);
         let per_row: Vec<Vec<DataError>> = std::thread::scope(|s| {
             let handles: Vec<_> = rows

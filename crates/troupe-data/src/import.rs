@@ -15,7 +15,7 @@ use image::{RgbImage, imageops::FilterType};
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{DecodeLimits, decode_rgb, probe};
 use crate::ops::color_masks;
-use crate::pack::{CharacterInput, OnBadLine, PackReport, build_sample, write_shards};
+use crate::pack::{CharacterInput, OnBadLine, OnProgress, PackReport, build_sample, write_shards};
 use crate::recipe::soft_mask;
 use crate::schema::{EMBEDDING_DIM, EncodedImage, MAX_CHARACTERS, Sample};
 use crate::shard::ShardWriterOptions;
@@ -34,7 +34,20 @@ pub fn import_storymaker(
     on_bad: OnBadLine,
     limits: DecodeLimits,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
+    import_storymaker_with(index, out, options, on_bad, limits, &mut |_, _| {})
+}
+
+/// [`import_storymaker`], telling `progress` the entries done of the index's.
+pub fn import_storymaker_with(
+    index: &Path,
+    out: &Path,
+    options: ShardWriterOptions,
+    on_bad: OnBadLine,
+    limits: DecodeLimits,
+    progress: &mut OnProgress<'_>,
+) -> std::result::Result<PackReport, Vec<DataError>> {
     let entries = read_index(index).map_err(|e| vec![e])?;
+    let (total, mut done) = (entries.len() as u64, 0u64);
     let base = index.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut iter = entries.into_iter();
     let mut notes = Vec::new();
@@ -43,6 +56,8 @@ pub fn import_storymaker(
     let mut report = write_shards(out, options, on_bad, || {
         let (at, persons, entry) = iter.next()?;
         let sample = import_entry(&entry, persons, &base, &at, limits, &mut notes);
+        done += 1;
+        progress(done, total);
         if let Ok(s) = &sample {
             if let Some(first) = ids.get(&s.id) {
                 return Some(Err(vec![DataError::new(

@@ -230,10 +230,14 @@ pub fn pack_manifest(
     on_bad: OnBadLine,
     limits: DecodeLimits,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
-    pack_manifest_with(manifest, out, options, on_bad, limits, None)
+    pack_manifest_with(manifest, out, options, on_bad, limits, None, &mut |_, _| {})
 }
 
-/// [`pack_manifest`] with `identity` computing the identity of characters that lack one.
+/// Told `(done, total)` items (lines, entries, rows) as a long data command proceeds.
+pub type OnProgress<'a> = dyn FnMut(u64, u64) + 'a;
+
+/// [`pack_manifest`] with `identity` computing the identity of characters that lack one, and
+/// `progress` told the lines done of the manifest's non-empty lines.
 pub fn pack_manifest_with(
     manifest: &Path,
     out: &Path,
@@ -241,7 +245,14 @@ pub fn pack_manifest_with(
     on_bad: OnBadLine,
     limits: DecodeLimits,
     identity: Option<&dyn IdentityProvider>,
+    progress: &mut OnProgress<'_>,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
+    let total = std::fs::read(manifest)
+        .map_err(|e| vec![DataError::io(manifest, &e)])?
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .count() as u64;
+    let mut done = 0u64;
     let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
     let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut lines = BufReader::new(file).lines().enumerate();
@@ -264,6 +275,8 @@ pub fn pack_manifest_with(
                 continue;
             }
             let sample = sample_from_line(&line, &base, &at, limits, identity);
+            done += 1;
+            progress(done, total);
             if let Ok(s) = &sample {
                 if let Some(first) = ids.get(&s.id) {
                     return Some(Err(vec![DataError::new(
