@@ -7,34 +7,35 @@ use common::{ok, root, troupe};
 use troupe_models::flops::FlopShape;
 use troupe_models::unet::UNet2DConditionConfig;
 
-#[test]
-fn bench_train_times_a_finite_step_and_counts_its_flops() {
-    let config = "configs/tiny-sdxl/unet/config.json";
-    let out = troupe(&[
-        "debug",
-        "bench-train",
-        "--unet-config",
-        config,
-        "--batch",
-        "2",
-        "--height",
-        "8",
-        "--width",
-        "8",
+const TINY_UNET: &str = "configs/tiny-sdxl/unet/config.json";
+
+/// `troupe debug bench-train` on the tiny UNet with tiny adapter sizes, one warm-up step,
+/// JSON output, `shape` (batch, latent size, steps) and `extra` flags.
+fn bench(shape: &[&str], extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["debug", "bench-train", "--unet-config", TINY_UNET];
+    args.extend([
         "--lora-rank",
         "4",
         "--ppr-dim-head",
         "8",
         "--clip-dim",
         "24",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--peak-tflops",
-        "1",
-        "--json",
     ]);
+    args.extend(["--warmup", "1", "--json"]);
+    args.extend(shape);
+    args.extend(extra);
+    troupe(&args)
+}
+
+#[test]
+fn bench_train_times_a_finite_step_and_counts_its_flops() {
+    let config = TINY_UNET;
+    let out = bench(
+        &[
+            "--batch", "2", "--height", "8", "--width", "8", "--steps", "2",
+        ],
+        &["--peak-tflops", "1"],
+    );
     ok(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let losses: Vec<f64> = r["losses"]
@@ -75,31 +76,12 @@ fn bench_train_times_a_finite_step_and_counts_its_flops() {
 
 /// Per-step losses of a few tiny training steps with one attention op.
 fn tiny_losses(attention: &str) -> Vec<f64> {
-    let out = troupe(&[
-        "debug",
-        "bench-train",
-        "--unet-config",
-        "configs/tiny-sdxl/unet/config.json",
-        "--batch",
-        "2",
-        "--height",
-        "16",
-        "--width",
-        "16",
-        "--lora-rank",
-        "4",
-        "--ppr-dim-head",
-        "8",
-        "--clip-dim",
-        "24",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--attention",
-        attention,
-        "--json",
-    ]);
+    let out = bench(
+        &[
+            "--batch", "2", "--height", "16", "--width", "16", "--steps", "3",
+        ],
+        &["--attention", attention],
+    );
     ok(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["attention"], attention);
