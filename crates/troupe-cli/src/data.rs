@@ -208,15 +208,6 @@ fn report_pack(result: std::result::Result<PackReport, Vec<DataError>>) -> Resul
     }
 }
 
-/// A progress display for `(done, total)` reports, made at the first (when the total is known).
-fn progress(unit: &'static str) -> impl FnMut(u64, u64) {
-    let mut bar: Option<troupe_train::progress::Progress> = None;
-    move |done, total| {
-        bar.get_or_insert_with(|| troupe_train::progress::Progress::new(total, unit))
-            .set(done, unit)
-    }
-}
-
 pub fn run(cmd: DataCommand) -> Result<ExitCode> {
     let limits = DecodeLimits::default();
     match cmd {
@@ -236,7 +227,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 out.policy(),
                 limits,
                 identity,
-                &mut progress("lines"),
+                &mut crate::progress("lines"),
             ))
         }
         DataCommand::ImportStorymaker { index, out } => {
@@ -246,7 +237,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 out.options(),
                 out.policy(),
                 limits,
-                &mut progress("entries"),
+                &mut crate::progress("entries"),
             ))
         }
         DataCommand::Check {
@@ -257,7 +248,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             let shards = find_shards(&paths)?;
             let threads = threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            let report = check_shards_with(&shards, limits, threads, &mut progress("rows"));
+            let report = check_shards_with(&shards, limits, threads, &mut crate::progress("rows"));
             print_problems(&report.problems, max_problems);
             println!(
                 "checked {} shard(s), {} rows: {} problem(s) in {} row(s)",

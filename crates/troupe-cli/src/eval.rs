@@ -299,6 +299,7 @@ pub fn run(cmd: EvalCommand) -> Result<ExitCode> {
                 &images,
                 &out,
                 (described, BTreeMap::new()),
+                &mut crate::progress("images scored"),
             )?;
             print_summary(&summary, &out);
             Ok(ExitCode::SUCCESS)
@@ -471,7 +472,8 @@ fn run_protocol(
         &stamp_path,
         serde_json::to_string_pretty(&stamp)?.as_bytes(),
     )?;
-    troupe_eval::run::generate(&p, &pipeline, &refs, &images, batch_size)?;
+    let mut shown = crate::progress("images generated");
+    troupe_eval::run::generate(&p, &pipeline, &refs, &images, batch_size, &mut shown)?;
     let first = &p.items()[0];
     let s = troupe_eval::run::settings(&p, first, pipeline.default_size)?;
     let generation: BTreeMap<String, String> = [
@@ -495,8 +497,15 @@ fn run_protocol(
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let summary =
-        troupe_eval::run::score(&p, &scorer, &refs, &images, out, (described, generation))?;
+    let summary = troupe_eval::run::score(
+        &p,
+        &scorer,
+        &refs,
+        &images,
+        out,
+        (described, generation),
+        &mut crate::progress("images scored"),
+    )?;
     print_summary(&summary, out);
     Ok(ExitCode::SUCCESS)
 }

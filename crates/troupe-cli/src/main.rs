@@ -73,3 +73,12 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A progress display for `(done, total)` reports, made at the first (when the total is known).
+pub(crate) fn progress(unit: &'static str) -> impl FnMut(u64, u64) {
+    let mut bar: Option<troupe_train::progress::Progress> = None;
+    move |done, total| {
+        bar.get_or_insert_with(|| troupe_train::progress::Progress::new(total, unit))
+            .set(done, unit)
+    }
+}

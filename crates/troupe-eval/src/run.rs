@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use image::RgbImage;
 use troupe_diffusion::gallery::{png, write_atomic};
@@ -83,13 +82,15 @@ pub fn settings(
 
 /// Generates every image of `protocol` into `images_dir` that is not there yet (a rerun
 /// after an interruption continues), `batch` generation calls per UNet batch. Every setting
-/// and reference is checked before the first step. Returns how many images were generated.
+/// and reference is checked before the first step; `progress` is told `(done, total)` images
+/// after each batch. Returns how many images were generated.
 pub fn generate(
     protocol: &Protocol,
     pipeline: &Pipeline,
     references: &[Reference],
     images_dir: &Path,
     batch: usize,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<usize, EvalError> {
     let items = protocol.items();
     // One call per (case, prompt, seed): its `images_per_prompt` items are consecutive.
@@ -123,7 +124,6 @@ pub fn generate(
             images_dir.display()
         );
     }
-    let started = Instant::now();
     let mut done = 0;
     for group in todo.chunks(batch.max(1)) {
         let requests = group
@@ -143,8 +143,7 @@ pub fn generate(
                 done += 1;
             }
         }
-        let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        eprintln!("generated {done}/{total} images ({rate:.3} images/s)");
+        progress(done as u64, total as u64);
     }
     Ok(done)
 }
@@ -160,7 +159,8 @@ fn find_image(images_dir: &Path, item: &Item) -> Option<PathBuf> {
 
 /// Scores every image of `protocol` found in `images_dir` (all must be there) and writes
 /// `scores.jsonl`, `summary.json`, `references/NAME.png` and `report.html` into `out`.
-/// `describe` adds scorer and generation settings to the summary.
+/// `describe` adds scorer and generation settings to the summary; `progress` is told
+/// `(done, total)` images as they are scored.
 pub fn score(
     protocol: &Protocol,
     scorer: &Scorer,
@@ -168,6 +168,7 @@ pub fn score(
     images_dir: &Path,
     out: &Path,
     describe: (BTreeMap<String, String>, BTreeMap<String, String>),
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Summary, EvalError> {
     let items = protocol.items();
     let mut files = Vec::with_capacity(items.len());
@@ -202,7 +203,6 @@ pub fn score(
             scorer.subject(&s.name, &r.image, Path::new(&r.source))
         })
         .collect::<Result<_, _>>()?;
-    let started = Instant::now();
     let mut lines = Vec::with_capacity(items.len());
     for (chunk, paths) in items.chunks(SCORE_BATCH).zip(files.chunks(SCORE_BATCH)) {
         let images: Vec<RgbImage> = paths
@@ -230,12 +230,7 @@ pub fn score(
                 .to_string();
             lines.push(line);
         }
-        let rate = lines.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        eprintln!(
-            "scored {}/{} images ({rate:.2} images/s)",
-            lines.len(),
-            items.len()
-        );
+        progress(lines.len() as u64, items.len() as u64);
     }
     let mut summary = Summary::new(protocol, &lines);
     (summary.scorers, summary.generation) = describe;
