@@ -555,3 +555,82 @@ fn a_second_writer_of_a_run_is_refused() {
         "{stderr}"
     );
 }
+
+/// A 6-step tiny run (checkpoints every 3 steps, no samples or validation) in `run`, with
+/// `env` set.
+fn short_run(run: &Path, env: &[(&str, &str)]) -> Output {
+    let dir = format!("run.dir={}", run.display());
+    troupe(
+        &[
+            "train",
+            "--config",
+            "configs/tiny.toml",
+            "--set",
+            &dir,
+            "--set",
+            "train.max_steps=6",
+            "--set",
+            "checkpoint.every_steps=3",
+            "--set",
+            "samples.every_steps=0",
+            "--set",
+            "validation.every_steps=0",
+        ],
+        env,
+    )
+}
+
+/// What a run's records hold, timings aside: its metrics lines and its event steps.
+fn records_of(run: &Path) -> (Vec<serde_json::Value>, Vec<u64>) {
+    let (metrics, _) = troupe_train::records::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let metrics = metrics
+        .into_iter()
+        .map(|mut r| {
+            for timing in ["elapsed_s", "samples_per_s", "step_s", "data_wait_s"] {
+                r.as_object_mut().unwrap().remove(timing);
+            }
+            r
+        })
+        .collect();
+    (
+        metrics,
+        troupe_train::tensorboard::event_steps(run).unwrap(),
+    )
+}
+
+#[test]
+fn a_kill_at_any_write_resumes_to_the_straight_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    assert!(short_run(&straight, &[]).status.success());
+    let want = records_of(&straight);
+    let final_adapter = read(
+        &straight.join("checkpoints/step-00000006"),
+        "adapter.safetensors",
+    );
+    let mut kills = 0;
+    for n in 1.. {
+        let run = tmp.path().join(format!("killed-{n}"));
+        let out = short_run(&run, &[("TROUPE_CRASH_AT_WRITE", &n.to_string())]);
+        if out.status.success() {
+            break; // past the run's last write
+        }
+        kills += 1;
+        let out = troupe(&["train", "--resume", run.to_str().unwrap()], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "killed at write {n}: {stderr}");
+        assert_eq!(records_of(&run), want, "records after a kill at write {n}");
+        let adapter = read(
+            &run.join("checkpoints/step-00000006"),
+            "adapter.safetensors",
+        );
+        assert!(
+            adapter == final_adapter,
+            "adapter after a kill at write {n}"
+        );
+        let out = troupe(&["plot", run.to_str().unwrap()], &[]);
+        assert!(out.status.success(), "plot after a kill at write {n}");
+        std::fs::remove_dir_all(&run).unwrap();
+    }
+    assert!(kills > 20, "only {kills} write points");
+}

@@ -84,7 +84,9 @@ pub fn save(
         ExportDType::F32,
         metadata,
     )?;
+    crate::faults::write_point();
     optimizer.save(&tmp.join("optimizer.safetensors"))?;
+    crate::faults::write_point();
     let json = serde_json::to_vec_pretty(state)?;
     write_synced(&tmp.join("state.json"), &json)?;
     let mut complete = String::new();
@@ -93,15 +95,19 @@ pub fn save(
     }
     write_synced(&tmp.join("COMPLETE"), complete.as_bytes())?;
     fsync_dir(&tmp);
+    crate::faults::write_point();
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir)?;
+        crate::faults::write_point();
     }
     std::fs::rename(&tmp, &final_dir)
         .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))?;
     fsync_dir(&root);
+    crate::faults::write_point();
     let complete = list(run_dir)?;
     for old in complete.iter().rev().skip(keep_last) {
         std::fs::remove_dir_all(&old.1)?;
+        crate::faults::write_point();
     }
     Ok(final_dir)
 }
@@ -119,6 +125,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         fsync_dir(dir);
     }
+    crate::faults::write_point();
     Ok(())
 }
 
@@ -127,6 +134,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
         std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
+    crate::faults::write_point();
     Ok(())
 }
 

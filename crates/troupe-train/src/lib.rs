@@ -20,6 +20,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+mod faults;
 pub mod lock;
 pub mod losses;
 pub mod objective;

@@ -124,6 +124,7 @@ impl Records {
     /// more records.
     fn append(&mut self, record: &serde_json::Value) -> Result<()> {
         self.metrics.write_all(format!("{record}\n").as_bytes())?;
+        crate::faults::write_point();
         Ok(())
     }
 

@@ -126,7 +126,9 @@ impl EventWriter {
             field_bytes(5, &summary, e);
         });
         self.record(&e)?;
-        self.out.flush()
+        self.out.flush()?;
+        crate::faults::write_point();
+        Ok(())
     }
 
     /// Writes an encoded PNG (`width` × `height`, RGB) as the image summary `tag` at `step`.
@@ -155,7 +157,9 @@ impl EventWriter {
             field_bytes(5, &summary, e);
         });
         self.record(&e)?;
-        self.out.flush()
+        self.out.flush()?;
+        crate::faults::write_point();
+        Ok(())
     }
 }
 

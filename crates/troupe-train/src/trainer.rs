@@ -507,10 +507,6 @@ fn run(
     _lock: RunLock,
 ) -> Result<Outcome> {
     let mut run = Run::set_up(config, resuming)?;
-    // Fault injection for the resume tests: die like `kill -9` (no unwinding, no cleanup).
-    let crash_after: Option<u64> = std::env::var("TROUPE_CRASH_AFTER_STEP")
-        .ok()
-        .and_then(|v| v.parse().ok());
     let max_steps = run.config.train.max_steps;
     while run.state.step < max_steps {
         if stop.load(Ordering::SeqCst) {
@@ -531,9 +527,7 @@ fn run(
         run.evaluate_if_due()?;
         let interrupted = stop.load(Ordering::SeqCst);
         run.checkpoint_if_due(interrupted)?;
-        if crash_after == Some(step) {
-            std::process::abort();
-        }
+        crate::faults::step_point(step);
         if interrupted {
             run.outcome.interrupted = true;
             break;
