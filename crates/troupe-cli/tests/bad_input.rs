@@ -62,6 +62,11 @@ const FILES: &[(&str, &str)] = &[
         "\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{7f}{}",
     ),
     ("no_metrics/placeholder", ""),
+    // A run folder whose `checkpoints` cannot be a folder: found before any step is taken.
+    (
+        "blocked_run/checkpoints",
+        "a file where the checkpoints folder should be",
+    ),
 ];
 
 const UNET_TINY: &str = "configs/tiny-sdxl/unet/config.json";
