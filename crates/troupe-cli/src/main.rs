@@ -35,8 +35,9 @@ enum Command {
     #[command(subcommand)]
     Eval(eval::EvalCommand),
     /// Report a model folder's component, config, parameter count, dtypes and any missing or
-    /// unexpected keys (reads only file headers). Accepts a component folder, an SDXL pipeline
-    /// folder (`model_index.json`) or an adapter `.safetensors` file.
+    /// unexpected keys (reads file headers; an adapter's tensors are also checked finite, one at
+    /// a time). Accepts a component folder, an SDXL pipeline folder (`model_index.json`) or an
+    /// adapter file (`.safetensors` or `mask.bin`), which must match its architecture.
     Inspect(inspect::InspectArgs),
     /// Write an adapter in the reference layouts (`safetensors` or the StoryMaker `mask.bin`).
     Export(adapter::ExportArgs),

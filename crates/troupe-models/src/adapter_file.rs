@@ -194,38 +194,70 @@ pub fn export_adapter(
     dtype: ExportDType,
     metadata: HashMap<String, String>,
 ) -> Result<(AdapterSpec, usize), WeightError> {
-    let is_safetensors = source.extension().is_some_and(|e| e == "safetensors");
-    if !is_safetensors {
+    if !is_safetensors(source) {
         let file = AdapterFile::read(source)?;
         let spec = file.verify()?;
-        let mut all = file.metadata.clone();
-        all.extend(metadata);
-        let (k, v) = spec.metadata();
-        all.insert(k, v);
+        let all = with_spec(file.metadata.clone(), metadata, &spec);
         write_adapter(out, &file.tensors, format, dtype, all)?;
         return Ok((spec, file.tensors.len()));
     }
-    let sd = StateDict::from_file(source)?;
-    let keys = sd.keys();
-    for key in &keys {
-        refuse_integer(source, key, sd.stored_dtype(key))?;
-    }
-    let shapes: Vec<(String, Vec<usize>)> = keys
-        .iter()
-        .map(|k| (k.clone(), sd.shape(k).unwrap_or(&[]).to_vec()))
-        .collect();
-    let spec = AdapterSpec::from_state_dict(&sd)?;
-    verify_layout(source, &spec, &shapes.iter().cloned().collect())?;
-    let mut all: HashMap<String, String> = sd.metadata().clone().into_iter().collect();
-    all.extend(metadata);
-    let (k, v) = spec.metadata();
-    all.insert(k, v);
+    let (sd, shapes, spec) = open_checked(source)?;
+    let all = with_spec(sd.metadata().clone().into_iter().collect(), metadata, &spec);
     write_streamed(out, &shapes, format, dtype, all, &mut |key| {
         let t = sd.read_host(key)?;
         check_finite(source, key, &t)?;
         Ok(t)
     })?;
     Ok((spec, shapes.len()))
+}
+
+/// The adapter file at `path` verified as [`AdapterFile::verify`] does; a `.safetensors` file
+/// is read one tensor at a time (positioned reads), so memory stays about one tensor.
+pub fn verify_file(path: &Path) -> Result<AdapterSpec, WeightError> {
+    if !is_safetensors(path) {
+        return AdapterFile::read(path)?.verify();
+    }
+    let (sd, shapes, spec) = open_checked(path)?;
+    for (key, _) in &shapes {
+        check_finite(path, key, &sd.read_host(key)?)?;
+    }
+    Ok(spec)
+}
+
+fn is_safetensors(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "safetensors")
+}
+
+/// Tensor keys and their shapes, in key order.
+type Shapes = Vec<(String, Vec<usize>)>;
+
+/// A `.safetensors` adapter opened by its header: the state dict (tensors unread), each
+/// key's shape in key order, and the architecture, with the layout verified against it.
+fn open_checked(path: &Path) -> Result<(StateDict, Shapes, AdapterSpec), WeightError> {
+    let sd = StateDict::from_file(path)?;
+    let keys = sd.keys();
+    for key in &keys {
+        refuse_integer(path, key, sd.stored_dtype(key))?;
+    }
+    let shapes: Vec<(String, Vec<usize>)> = keys
+        .iter()
+        .map(|k| (k.clone(), sd.shape(k).unwrap_or(&[]).to_vec()))
+        .collect();
+    let spec = AdapterSpec::from_state_dict(&sd)?;
+    verify_layout(path, &spec, &shapes.iter().cloned().collect())?;
+    Ok((sd, shapes, spec))
+}
+
+/// `source` metadata with `extra` added and the architecture stated.
+fn with_spec(
+    mut source: HashMap<String, String>,
+    extra: HashMap<String, String>,
+    spec: &AdapterSpec,
+) -> HashMap<String, String> {
+    source.extend(extra);
+    let (k, v) = spec.metadata();
+    source.insert(k, v);
+    source
 }
 
 fn refuse_integer(path: &Path, key: &str, dtype: Option<StoredDType>) -> Result<(), WeightError> {

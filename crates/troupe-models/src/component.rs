@@ -299,7 +299,8 @@ pub struct Inspection {
 }
 
 /// Inspects a component folder, an SDXL pipeline folder (`model_index.json`: every component
-/// sub-folder), or an adapter `.safetensors` file. Only headers are read.
+/// sub-folder), or an adapter file. Only headers are read, except that an adapter's tensors
+/// are read one at a time to check they are finite.
 pub fn inspect(path: &Path) -> Result<Vec<Inspection>, ModelError> {
     if path.is_file() {
         return Ok(vec![inspect_adapter(path)?]);
@@ -477,14 +478,14 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, ModelError> {
 }
 
 fn inspect_adapter(path: &Path) -> Result<Inspection, ModelError> {
-    // The file must match the architecture it declares (or that its shapes imply).
-    let file = crate::adapter_file::AdapterFile::read(path)?;
-    file.verify()?;
-    let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
-    // A torch zip (`mask.bin`) has no safetensors header: inspect the tensors read from it.
-    let sd = if is_safetensors {
+    // The file must match the architecture it declares; a torch zip (`mask.bin`) has no
+    // safetensors header, so its tensors are read once and inspected from memory.
+    let sd = if path.extension().is_some_and(|e| e == "safetensors") {
+        crate::adapter_file::verify_file(path)?;
         StateDict::from_file(path)?
     } else {
+        let file = crate::adapter_file::AdapterFile::read(path)?;
+        file.verify()?;
         file.state_dict()?
     };
     let mut sd = sd.check_only();
