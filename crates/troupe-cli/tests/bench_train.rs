@@ -38,12 +38,7 @@ fn bench_train_times_a_finite_step_and_counts_its_flops() {
     );
     ok(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let losses: Vec<f64> = r["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let losses = step_losses(&r);
     assert_eq!(losses.len(), 3);
     assert!(
         losses.iter().all(|l| l.is_finite() && *l > 0.0),
@@ -74,6 +69,12 @@ fn bench_train_times_a_finite_step_and_counts_its_flops() {
     assert!(r["trainable_tensors"].as_u64().unwrap() > 0);
 }
 
+/// The `losses` of a bench-train JSON report.
+fn step_losses(r: &serde_json::Value) -> Vec<f64> {
+    let all = r["losses"].as_array().expect("a losses array");
+    all.iter().map(|v| v.as_f64().expect("a number")).collect()
+}
+
 /// Per-step losses of a few tiny training steps with one attention op.
 fn tiny_losses(attention: &str) -> Vec<f64> {
     let out = bench(
@@ -85,12 +86,7 @@ fn tiny_losses(attention: &str) -> Vec<f64> {
     ok(&out);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["attention"], attention);
-    let losses: Vec<f64> = r["losses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let losses = step_losses(&r);
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     losses
 }

@@ -17,29 +17,9 @@ fn troupe(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run troupe")
 }
 
-fn train(run_dir: &Path, steps: u64, env: &[(&str, &str)]) -> Output {
-    let dir = format!("run.dir={}", run_dir.display());
-    let steps = format!("train.max_steps={steps}");
-    troupe(
-        &[
-            "train",
-            "--config",
-            "configs/tiny.toml",
-            "--set",
-            &dir,
-            "--set",
-            &steps,
-            "--set",
-            "checkpoint.every_steps=3",
-            "--set",
-            "data.workers=2",
-        ],
-        env,
-    )
-}
-
-/// `troupe train --config configs/tiny.toml --set run.dir=DIR --set …` for each of `sets`.
-fn train_with(run_dir: &Path, sets: &[&str]) -> Output {
+/// `troupe train --config configs/tiny.toml --set run.dir=DIR --set …` for each of `sets`,
+/// with `env` set.
+fn train_env(run_dir: &Path, sets: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = format!("run.dir={}", run_dir.display());
     let mut args = vec![
         "train",
@@ -51,7 +31,22 @@ fn train_with(run_dir: &Path, sets: &[&str]) -> Output {
     for s in sets {
         args.extend(["--set", s]);
     }
-    troupe(&args, &[])
+    troupe(&args, env)
+}
+
+/// [`train_env`] with no environment.
+fn train_with(run_dir: &Path, sets: &[&str]) -> Output {
+    train_env(run_dir, sets, &[])
+}
+
+/// A tiny run of `steps` steps, checkpoints every 3.
+fn train(run_dir: &Path, steps: u64, env: &[(&str, &str)]) -> Output {
+    let steps = format!("train.max_steps={steps}");
+    train_env(
+        run_dir,
+        &[&steps, "checkpoint.every_steps=3", "data.workers=2"],
+        env,
+    )
 }
 
 fn read(dir: &Path, file: &str) -> Vec<u8> {
@@ -559,25 +554,13 @@ fn a_second_writer_of_a_run_is_refused() {
 /// A 6-step tiny run (checkpoints every 3 steps, no samples or validation) in `run`, with
 /// `env` set.
 fn short_run(run: &Path, env: &[(&str, &str)]) -> Output {
-    let dir = format!("run.dir={}", run.display());
-    troupe(
-        &[
-            "train",
-            "--config",
-            "configs/tiny.toml",
-            "--set",
-            &dir,
-            "--set",
-            "train.max_steps=6",
-            "--set",
-            "checkpoint.every_steps=3",
-            "--set",
-            "samples.every_steps=0",
-            "--set",
-            "validation.every_steps=0",
-        ],
-        env,
-    )
+    let sets = [
+        "train.max_steps=6",
+        "checkpoint.every_steps=3",
+        "samples.every_steps=0",
+        "validation.every_steps=0",
+    ];
+    train_env(run, &sets, env)
 }
 
 /// What a run's records hold, timings aside: its metrics lines and its event steps.

@@ -247,10 +247,14 @@ pub fn pack_manifest_with(
     identity: Option<&dyn IdentityProvider>,
     progress: &mut OnProgress<'_>,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
-    let total = std::fs::read(manifest)
-        .map_err(|e| vec![DataError::io(manifest, &e)])?
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
+    // Counted streaming: a manifest of a million rows is hundreds of MB.
+    let counting = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
+    let total = BufReader::new(counting)
+        .split(b'\n')
+        .filter(|l| {
+            l.as_ref()
+                .is_ok_and(|l| !l.iter().all(u8::is_ascii_whitespace))
+        })
         .count() as u64;
     let mut done = 0u64;
     let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
