@@ -62,6 +62,10 @@ const FILES: &[(&str, &str)] = &[
         "\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{ff}\u{7f}{}",
     ),
     ("no_metrics/placeholder", ""),
+    (
+        "bad_metrics/metrics.jsonl",
+        "{\"step\": 1, \"loss\": 1.0}\nnot json\n{\"step\": 2, \"loss\": 0.5}\n",
+    ),
     // A run folder whose `checkpoints` cannot be a folder: found before any step is taken.
     (
         "blocked_run/checkpoints",
@@ -543,6 +547,18 @@ const CASES: &[Case] = &[
     Case {
         args: &["plot", "{tmp}/no_metrics"],
         names: &["metrics.jsonl"],
+    },
+    Case {
+        args: &["plot", "{tmp}/bad_metrics"],
+        names: &["metrics.jsonl", "line 2"],
+    },
+    Case {
+        args: &["plot", "{tmp}/bad_metrics", "--smoothing", "1"],
+        names: &["--smoothing"],
+    },
+    Case {
+        args: &["plot", "{tmp}/bad_metrics", "{tmp}/no_metrics"],
+        names: &["--out"],
     },
     Case {
         args: &[

@@ -162,6 +162,19 @@ fn crash_and_resume_is_bit_identical_to_a_straight_run() {
     );
     let png = image::open(straight.join("losses.png")).unwrap();
     assert_eq!((png.width(), png.height()), (1200, 900));
+    // Several runs overlay in one plot, which then needs a name.
+    let both = tmp.path().join("both.png");
+    let runs = [straight.to_str().unwrap(), crashed.to_str().unwrap()];
+    let out = troupe(
+        &["plot", runs[0], runs[1], "--out", both.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(image::open(&both).unwrap().width(), 1200);
     // keep_last = 2: only steps 3 and 6 remain complete in the straight run.
     let names: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
         .unwrap()
