@@ -228,6 +228,7 @@ fn bench_unet(args: BenchUnetArgs) -> Result<ExitCode> {
     let cross = config.down_blocks(&config_path.display().to_string())?[0].cross_attention_dim;
     let normal = Distribution::Normal(0.0, 1.0);
     let input = || UNetInput {
+        control: None,
         sample: Tensor::random(
             [b, config.in_channels, args.shape.height, args.shape.width],
             normal,

@@ -310,6 +310,7 @@ impl Pipeline {
             let b = input.dims()[0];
             let out = self.adapter.unet.forward(
                 UNetInput {
+                    control: None,
                     sample: input,
                     timestep: host(vec![t; b], [b], &self.device),
                     encoder_hidden_states: context.clone(),

@@ -76,6 +76,9 @@ pub struct AttnContext {
     pub ip_bias: Option<Tensor<2>>,
     /// The attention op (the image-attention maps of `record`ed layers are always explicit).
     pub kernel: AttentionKernel,
+    /// Additive bias on the context's key scores `[B, M]` in cross-attentions without an
+    /// image branch: a ControlNet attending to image tokens of padded characters.
+    pub key_bias: Option<Tensor<2>>,
 }
 
 /// Head-averaged image-attention probabilities of one cross-attention layer.
@@ -311,6 +314,7 @@ impl Attention {
         let ad = self.adapter.as_ref();
         let s = ctx.scales.lora;
         let q = self.project(&self.to_q, ad.map(|a| &a.to_q_lora), hidden.clone(), s);
+        let is_cross = context.is_some();
         let context = context.unwrap_or(hidden);
         // Split text / image tokens only where the adapter has an image branch.
         let (text, image) = match ad.and_then(|a| a.to_k_ip.as_ref().zip(a.to_v_ip.as_ref())) {
@@ -327,7 +331,8 @@ impl Attention {
         let q = self.split_heads(q); // [B, H, N, dh]
         let k = self.split_heads(k); // [B, H, M, dh]
         let v = self.split_heads(v); // [B, H, M, dh]
-        let mut out = attend(ctx.kernel, q.clone(), k, v, None); // [B, H, N, dh]
+        let key_bias = ctx.key_bias.clone().filter(|_| is_cross && image.is_none());
+        let mut out = attend(ctx.kernel, q.clone(), k, v, key_bias); // [B, H, N, dh]
         let mut probs = None;
         if let Some((tokens, (to_k_ip, to_v_ip))) = image {
             let k_ip = self.split_heads(in_own_dtype(to_k_ip, tokens.clone())); // [B, H, Ni, dh]

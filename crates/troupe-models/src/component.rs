@@ -91,6 +91,7 @@ pub fn forward(
             let sample = input(inputs, "sample", [None, Some(channels), None, None], device)?;
             let b = Some(sample.dims()[0]);
             let input = UNetInput {
+                control: None,
                 timestep: input(inputs, "timestep", [b], device)?,
                 encoder_hidden_states: input(
                     inputs,

@@ -22,6 +22,7 @@ pub mod adapter_file;
 pub mod attention;
 pub mod clip;
 pub mod component;
+pub mod controlnet;
 pub mod efficient_attention;
 pub mod error;
 pub mod flops;

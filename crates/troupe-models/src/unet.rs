@@ -71,7 +71,8 @@ pub struct UNet2DConditionConfig {
     /// Mid block type (`UNetMidBlock2DCrossAttn` or none).
     #[serde(default = "mid_default")]
     pub mid_block_type: Option<String>,
-    /// Up block types.
+    /// Up block types (absent in a ControlNet's config).
+    #[serde(default)]
     pub up_block_types: Vec<String>,
     /// Channels per block.
     pub block_out_channels: Vec<usize>,
@@ -227,6 +228,27 @@ fn mid_default() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
 }
 
+/// Down block types this implementation builds.
+const DOWN_BLOCKS: [&str; 2] = ["DownBlock2D", "CrossAttnDownBlock2D"];
+/// Up block types this implementation builds.
+const UP_BLOCKS: [&str; 2] = ["UpBlock2D", "CrossAttnUpBlock2D"];
+
+fn check_block_types(
+    path: &str,
+    field: &str,
+    kinds: &[String],
+    allowed: [&str; 2],
+) -> Result<(), ConfigError> {
+    match kinds.iter().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ConfigError::new(
+            path,
+            field,
+            format!("`{k}` is not supported (supported: {allowed:?})"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Everything the builder needs per down block, after diffusers' defaulting rules.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockSpec {
@@ -253,6 +275,20 @@ impl UNet2DConditionConfig {
 
     /// Refuses values this implementation does not build, naming the field.
     pub fn validate(&self, path: &str) -> Result<(), ConfigError> {
+        let n = self.down_block_types.len();
+        if self.up_block_types.len() != n {
+            return Err(ConfigError::new(
+                path,
+                "up_block_types",
+                format!("has {} entries, expected {n}", self.up_block_types.len()),
+            ));
+        }
+        check_block_types(path, "up_block_types", &self.up_block_types, UP_BLOCKS)?;
+        self.validate_down_path(path)
+    }
+
+    /// Validates everything but the up blocks: the part a ControlNet shares with the UNet.
+    pub fn validate_down_path(&self, path: &str) -> Result<(), ConfigError> {
         let err = |field: &str, msg: String| Err(ConfigError::new(path, field, msg));
         let n = self.down_block_types.len();
         if n == 0 || self.block_out_channels.len() != n {
@@ -264,31 +300,7 @@ impl UNet2DConditionConfig {
                 ),
             );
         }
-        if self.up_block_types.len() != n {
-            return err(
-                "up_block_types",
-                format!("has {} entries, expected {n}", self.up_block_types.len()),
-            );
-        }
-        for (field, kinds, allowed) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                ["DownBlock2D", "CrossAttnDownBlock2D"],
-            ),
-            (
-                "up_block_types",
-                &self.up_block_types,
-                ["UpBlock2D", "CrossAttnUpBlock2D"],
-            ),
-        ] {
-            if let Some(k) = kinds.iter().find(|k| !allowed.contains(&k.as_str())) {
-                return err(
-                    field,
-                    format!("`{k}` is not supported (supported: {allowed:?})"),
-                );
-            }
-        }
+        check_block_types(path, "down_block_types", &self.down_block_types, DOWN_BLOCKS)?;
         if let Some(m) = &self.mid_block_type
             && m != "UNetMidBlock2DCrossAttn"
         {
@@ -453,18 +465,23 @@ pub struct TimestepEmbedding {
 }
 
 impl TimestepEmbedding {
-    fn new(d_in: usize, d_out: usize, device: &Device) -> Self {
+    pub(crate) fn new(d_in: usize, d_out: usize, device: &Device) -> Self {
         Self {
             linear_1: LinearConfig::new(d_in, d_out).init(device),
             linear_2: LinearConfig::new(d_out, d_out).init(device),
         }
     }
 
-    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+    pub(crate) fn forward(&self, x: Tensor<2>) -> Tensor<2> {
         self.linear_2.forward(silu(self.linear_1.forward(x)))
     }
 
-    fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+    /// Width of the input.
+    pub fn input_width(&self) -> usize {
+        self.linear_1.weight.lazy_shape().dims::<2>()[0]
+    }
+
+    pub(crate) fn load(&mut self, sd: &mut StateDict, prefix: &str) {
         sd.linear(&mut self.linear_1, &join(prefix, "linear_1"));
         sd.linear(&mut self.linear_2, &join(prefix, "linear_2"));
     }
@@ -532,6 +549,124 @@ pub struct MidBlock {
     pub attentions: Vec<Transformer2DModel>,
 }
 
+impl DownBlock {
+    /// Runs the block on `x`, pushing every resnet (+ transformer) output and the
+    /// down-sampled result to `skips` (diffusers' `res_samples`).
+    pub fn forward(
+        &self,
+        mut x: Tensor<4>,
+        emb: &Tensor<2>,
+        context: &Tensor<3>,
+        ctx: &AttnContext,
+        probs: &mut Vec<AttnProbs>,
+        skips: &mut Vec<Tensor<4>>,
+    ) -> Tensor<4> {
+        for (j, r) in self.resnets.iter().enumerate() {
+            x = r.forward(x, Some(emb.clone()));
+            if let Some(t) = self.attentions.get(j) {
+                x = t.forward(x, context, ctx, probs);
+            }
+            skips.push(x.clone());
+        }
+        if let Some(d) = &self.downsampler {
+            x = d.forward(x);
+            skips.push(x.clone());
+        }
+        x
+    }
+
+    pub(crate) fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        load_resnets_attentions(&mut self.resnets, &mut self.attentions, sd, prefix);
+        if let Some(d) = self.downsampler.as_mut() {
+            d.load(sd, &join(prefix, "downsamplers.0"));
+        }
+    }
+
+    /// Channels of each skip this block pushes, in order.
+    pub(crate) fn skip_channels(&self) -> Vec<usize> {
+        let out = |r: &ResnetBlock2D| r.conv2.weight.lazy_shape().dims::<4>()[0];
+        let mut c: Vec<usize> = self.resnets.iter().map(out).collect();
+        if self.downsampler.is_some() {
+            c.push(*c.last().expect("a down block has resnets"));
+        }
+        c
+    }
+}
+
+impl MidBlock {
+    /// resnet → transformer → resnet.
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        emb: &Tensor<2>,
+        context: &Tensor<3>,
+        ctx: &AttnContext,
+        probs: &mut Vec<AttnProbs>,
+    ) -> Tensor<4> {
+        let x = self.resnets[0].forward(x, Some(emb.clone()));
+        let x = self.attentions[0].forward(x, context, ctx, probs);
+        self.resnets[1].forward(x, Some(emb.clone()))
+    }
+
+    pub(crate) fn load(&mut self, sd: &mut StateDict, prefix: &str) {
+        load_resnets_attentions(&mut self.resnets, &mut self.attentions, sd, prefix);
+    }
+}
+
+/// The sinusoid settings of the timestep and SDXL time-id embeddings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sinusoid {
+    /// Width of the timestep sinusoid (`block_out_channels[0]`).
+    pub time_dim: usize,
+    /// Width of each time-id sinusoid (`addition_time_embed_dim`).
+    pub add_time_dim: usize,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+}
+
+/// The embedding every resnet receives: `time_embedding(sinusoid(t))`, plus for SDXL
+/// (`text_time`) `add_embedding(cat(text_embeds, sinusoid(time_ids)))`. Shared by the UNet and
+/// the ControlNet.
+pub(crate) fn embed_time(
+    time_embedding: &TimestepEmbedding,
+    add_embedding: Option<&TimestepEmbedding>,
+    sinusoid: Sinusoid,
+    timestep: Tensor<1>,
+    text_embeds: Option<Tensor<2>>,
+    time_ids: Option<Tensor<2>>,
+    dtype: burn::tensor::DType,
+) -> Tensor<2> {
+    let [b] = timestep.dims();
+    let Sinusoid {
+        time_dim,
+        add_time_dim,
+        flip_sin_to_cos,
+        freq_shift,
+    } = sinusoid;
+    let t_emb = timestep_embedding(timestep, time_dim, flip_sin_to_cos, freq_shift);
+    let emb = time_embedding.forward(t_emb.cast(dtype)); // [B, T]
+    let Some(add) = add_embedding else {
+        return emb;
+    };
+    let text = text_embeds.expect("SDXL UNet needs text_embeds");
+    let ids = time_ids.expect("SDXL UNet needs time_ids");
+    let k = ids.dims()[1];
+    let t = timestep_embedding(ids.reshape([b * k]), add_time_dim, flip_sin_to_cos, freq_shift)
+        .reshape([b, k * add_time_dim]); // [B, 6·256]
+    let add_in = Tensor::cat(vec![text.cast(dtype), t.cast(dtype)], 1);
+    emb + add.forward(add_in)
+}
+
+/// A ControlNet's output, added to the UNet's skips and mid-block output (diffusers'
+/// `down_block_additional_residuals`, `mid_block_additional_residual`).
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    /// One per UNet skip, in order (`conv_in`, each down resnet, each down-sampler).
+    pub down: Vec<Tensor<4>>,
+    /// Added to the mid block's output.
+    pub mid: Tensor<4>,
+}
+
 /// Where one attention processor sits (diffusers `attn_processors` entry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessorInfo {
@@ -560,6 +695,8 @@ pub struct UNetInput {
     pub text_embeds: Option<Tensor<2>>,
     /// SDXL micro-conditioning `[B, 6]`.
     pub time_ids: Option<Tensor<2>>,
+    /// A ControlNet's residuals (pose conditioning), if any.
+    pub control: Option<ControlResiduals>,
 }
 
 /// Result of [`UNet2DConditionModel::forward`].
@@ -601,7 +738,9 @@ pub struct UNet2DConditionModel {
     pub freq_shift: f64,
 }
 
-struct Builder<'a> {
+/// Builds resnets and transformers with one config's settings, numbering attention processors
+/// in build order.
+pub(crate) struct Builder<'a> {
     device: &'a Device,
     groups: usize,
     eps: f64,
@@ -610,7 +749,68 @@ struct Builder<'a> {
     next_index: usize,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
+    pub(crate) fn new(config: &UNet2DConditionConfig, device: &'a Device) -> Self {
+        Self {
+            device,
+            groups: config.norm_num_groups,
+            eps: config.norm_eps,
+            temb: config.time_embed_dim(),
+            linear_projection: config.use_linear_projection,
+            next_index: 0,
+        }
+    }
+
+    /// The down blocks of `config` (validated), as diffusers' `get_down_block` builds them.
+    pub(crate) fn down_blocks(
+        &mut self,
+        config: &UNet2DConditionConfig,
+        specs: &[BlockSpec],
+    ) -> Vec<DownBlock> {
+        let ch = &config.block_out_channels;
+        let n = ch.len();
+        let mut down_blocks = Vec::with_capacity(n);
+        let mut out_c = ch[0];
+        for (i, spec) in specs.iter().enumerate() {
+            let in_c = out_c;
+            out_c = ch[i];
+            let cross = spec.kind == "CrossAttnDownBlock2D";
+            let mut resnets = Vec::new();
+            let mut attentions = Vec::new();
+            for j in 0..spec.layers {
+                resnets.push(self.resnet(if j == 0 { in_c } else { out_c }, out_c, 1.0));
+                if cross {
+                    attentions.push(self.transformer(out_c, spec));
+                }
+            }
+            let downsampler = (i + 1 < n)
+                .then(|| Downsample2D::new(out_c, config.downsample_padding == 1, self.device));
+            down_blocks.push(DownBlock {
+                resnets,
+                attentions,
+                downsampler,
+            });
+        }
+        down_blocks
+    }
+
+    /// The `UNetMidBlock2DCrossAttn` of `config`, if it has one.
+    pub(crate) fn mid_block(
+        &mut self,
+        config: &UNet2DConditionConfig,
+        specs: &[BlockSpec],
+    ) -> Option<MidBlock> {
+        config.mid_block_type.as_ref()?;
+        let c = *config.block_out_channels.last().expect("validated");
+        let scale = config.mid_block_scale_factor;
+        let first = self.resnet(c, c, scale);
+        let attn = self.transformer(c, specs.last().expect("validated"));
+        Some(MidBlock {
+            resnets: vec![first, self.resnet(c, c, scale)],
+            attentions: vec![attn],
+        })
+    }
+
     fn resnet(&self, c_in: usize, c_out: usize, scale: f64) -> ResnetBlock2D {
         ResnetBlock2DConfig::new(c_in, c_out, Some(self.temb))
             .with_groups(self.groups)
@@ -642,38 +842,9 @@ impl UNet2DConditionModel {
         let specs = config.down_blocks("config")?;
         let ch = &config.block_out_channels;
         let n = ch.len();
-        let mut b = Builder {
-            device,
-            groups: config.norm_num_groups,
-            eps: config.norm_eps,
-            temb: config.time_embed_dim(),
-            linear_projection: config.use_linear_projection,
-            next_index: 0,
-        };
-
+        let mut b = Builder::new(config, device);
         // Registration order = processor order: down blocks, up blocks, mid block.
-        let mut down_blocks = Vec::with_capacity(n);
-        let mut out_c = ch[0];
-        for (i, spec) in specs.iter().enumerate() {
-            let in_c = out_c;
-            out_c = ch[i];
-            let cross = spec.kind == "CrossAttnDownBlock2D";
-            let mut resnets = Vec::new();
-            let mut attentions = Vec::new();
-            for j in 0..spec.layers {
-                resnets.push(b.resnet(if j == 0 { in_c } else { out_c }, out_c, 1.0));
-                if cross {
-                    attentions.push(b.transformer(out_c, spec));
-                }
-            }
-            let downsampler = (i + 1 < n)
-                .then(|| Downsample2D::new(out_c, config.downsample_padding == 1, device));
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsampler,
-            });
-        }
+        let down_blocks = b.down_blocks(config, &specs);
 
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let rev_specs: Vec<BlockSpec> = specs.iter().rev().cloned().collect();
@@ -703,16 +874,7 @@ impl UNet2DConditionModel {
             });
         }
 
-        let mid_block = config.mid_block_type.as_ref().map(|_| {
-            let c = ch[n - 1];
-            let scale = config.mid_block_scale_factor;
-            let first = b.resnet(c, c, scale);
-            let attn = b.transformer(c, &specs[n - 1]);
-            MidBlock {
-                resnets: vec![first, b.resnet(c, c, scale)],
-                attentions: vec![attn],
-            }
-        });
+        let mid_block = b.mid_block(config, &specs);
 
         let temb = config.time_embed_dim();
         let add_embedding = match config.addition_embed_type.as_deref() {
@@ -764,11 +926,7 @@ impl UNet2DConditionModel {
             a.load(sd, &p("add_embedding"));
         }
         for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            let bp = p(&format!("down_blocks.{i}"));
-            load_resnets_attentions(&mut block.resnets, &mut block.attentions, sd, &bp);
-            if let Some(d) = block.downsampler.as_mut() {
-                d.load(sd, &join(&bp, "downsamplers.0"));
-            }
+            block.load(sd, &p(&format!("down_blocks.{i}")));
         }
         for (i, block) in self.up_blocks.iter_mut().enumerate() {
             let bp = p(&format!("up_blocks.{i}"));
@@ -778,7 +936,7 @@ impl UNet2DConditionModel {
             }
         }
         if let Some(m) = self.mid_block.as_mut() {
-            load_resnets_attentions(&mut m.resnets, &mut m.attentions, sd, &p("mid_block"));
+            m.load(sd, &p("mid_block"));
         }
         sd.group_norm(&mut self.conv_norm_out, &p("conv_norm_out"));
         sd.conv2d(&mut self.conv_out, &p("conv_out"));
@@ -879,6 +1037,22 @@ impl UNet2DConditionModel {
         Ok(rank)
     }
 
+    /// The sinusoid settings of this model's embeddings.
+    pub(crate) fn sinusoid(&self) -> Sinusoid {
+        Sinusoid {
+            time_dim: self.time_proj_dim,
+            add_time_dim: self.add_time_proj_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        }
+    }
+
+    /// Channels of the skips the down path pushes, in order: what a ControlNet's residuals must
+    /// match one to one.
+    pub fn skip_channels(&self) -> Vec<usize> {
+        skip_channels(&self.conv_in, &self.down_blocks)
+    }
+
     /// The forward pass. `ctx` sets adapter scales and which processors' image-attention maps
     /// are returned.
     pub fn forward(&self, input: UNetInput, ctx: &AttnContext) -> UNetOutput {
@@ -888,33 +1062,21 @@ impl UNet2DConditionModel {
             encoder_hidden_states,
             text_embeds,
             time_ids,
+            control,
         } = input;
         let dtype = self.conv_in.weight.val().dtype();
-        let [b, _, h, w] = sample.dims();
+        let [_, _, h, w] = sample.dims();
         let sample = sample.cast(dtype);
         let context = encoder_hidden_states.cast(dtype);
-
-        let t_emb = timestep_embedding(
+        let emb = embed_time(
+            &self.time_embedding,
+            self.add_embedding.as_ref(),
+            self.sinusoid(),
             timestep,
-            self.time_proj_dim,
-            self.flip_sin_to_cos,
-            self.freq_shift,
+            text_embeds,
+            time_ids,
+            dtype,
         );
-        let mut emb = self.time_embedding.forward(t_emb.cast(dtype)); // [B, T]
-        if let Some(add) = &self.add_embedding {
-            let text = text_embeds.expect("SDXL UNet needs text_embeds");
-            let ids = time_ids.expect("SDXL UNet needs time_ids");
-            let k = ids.dims()[1];
-            let t = timestep_embedding(
-                ids.reshape([b * k]),
-                self.add_time_proj_dim,
-                self.flip_sin_to_cos,
-                self.freq_shift,
-            )
-            .reshape([b, k * self.add_time_proj_dim]); // [B, 6·256]
-            let add_in = Tensor::cat(vec![text.cast(dtype), t.cast(dtype)], 1);
-            emb = emb + add.forward(add_in);
-        }
 
         // Skip sizes are forwarded to the upsamplers when the latent is not a multiple of 2^n.
         let factor = 1usize << (self.up_blocks.len().saturating_sub(1));
@@ -924,22 +1086,23 @@ impl UNet2DConditionModel {
         let mut x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            for (j, r) in block.resnets.iter().enumerate() {
-                x = r.forward(x, Some(emb.clone()));
-                if let Some(t) = block.attentions.get(j) {
-                    x = t.forward(x, &context, ctx, &mut probs);
-                }
-                skips.push(x.clone());
-            }
-            if let Some(d) = &block.downsampler {
-                x = d.forward(x);
-                skips.push(x.clone());
+            x = block.forward(x, &emb, &context, ctx, &mut probs, &mut skips);
+        }
+        let (down_residuals, mid_residual) = match control {
+            Some(c) => (Some(c.down), Some(c.mid)),
+            None => (None, None),
+        };
+        if let Some(residuals) = down_residuals {
+            assert_eq!(residuals.len(), skips.len(), "one ControlNet residual per skip");
+            for (skip, r) in skips.iter_mut().zip(residuals) {
+                *skip = skip.clone() + r.cast(dtype);
             }
         }
         if let Some(m) = &self.mid_block {
-            x = m.resnets[0].forward(x, Some(emb.clone()));
-            x = m.attentions[0].forward(x, &context, ctx, &mut probs);
-            x = m.resnets[1].forward(x, Some(emb.clone()));
+            x = m.forward(x, &emb, &context, ctx, &mut probs);
+        }
+        if let Some(r) = mid_residual {
+            x = x + r.cast(dtype);
         }
         for block in &self.up_blocks {
             for (j, r) in block.resnets.iter().enumerate() {
@@ -963,6 +1126,14 @@ impl UNet2DConditionModel {
             attn_probs: probs,
         }
     }
+}
+
+/// Channels of the skips of a down path: `conv_in`'s output, then each block's.
+pub(crate) fn skip_channels(conv_in: &Conv2d, down_blocks: &[DownBlock]) -> Vec<usize> {
+    let c0 = conv_in.weight.lazy_shape().dims::<4>()[0];
+    std::iter::once(c0)
+        .chain(down_blocks.iter().flat_map(|b| b.skip_channels()))
+        .collect()
 }
 
 fn load_resnets_attentions(

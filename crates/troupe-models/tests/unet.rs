@@ -21,6 +21,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn inputs(io: &mut StateDict, device: &Device) -> UNetInput {
     UNetInput {
+        control: None,
         sample: io.take_any("sample", device).unwrap(),
         timestep: io.take_any("timestep", device).unwrap(),
         encoder_hidden_states: io.take_any("encoder_hidden_states", device).unwrap(),

@@ -187,6 +187,7 @@ fn step_loss(
     let (h, w) = (s.height, s.width);
     let out = adapter.unet.forward(
         UNetInput {
+            control: None,
             sample: Tensor::random([b, config.in_channels, h, w], normal, dev),
             timestep: Tensor::from_data(TensorData::new(vec![500.0f32; b], [b]), dev),
             encoder_hidden_states: Tensor::cat(vec![text, tokens], 1),

@@ -235,6 +235,7 @@ pub fn forward(
     );
     let out = adapter.unet.forward(
         UNetInput {
+            control: None,
             sample: noisy,
             timestep: timesteps,
             encoder_hidden_states: cond.context,
