@@ -10,6 +10,7 @@ use troupe_data::ops::geometry::WarpImpl;
 use troupe_data::ops::resize::PassOrder;
 
 use anyhow::bail;
+use troupe_diffusion::control::ControlContext;
 use troupe_diffusion::pipeline::Pipeline;
 use troupe_eval::clip_score::{ClipScorer, read_image, scores};
 use troupe_eval::protocol::Protocol;
@@ -438,13 +439,19 @@ fn run_protocol(
         })?;
     let adapter_path = crate::adapter::adapter_file(adapter)?;
     let file = AdapterFile::read(&adapter_path)?;
-    let pipeline = Pipeline::load(&model, &encoder, &file, &device).with_context(|| {
+    let mut pipeline = Pipeline::load(&model, &encoder, &file, &device).with_context(|| {
         format!(
             "loading {} with {}",
             model.display(),
             adapter_path.display()
         )
     })?;
+    if let Some(dir) = &p.generation.controlnet {
+        let context = p.generation.controlnet_context.unwrap_or(ControlContext::Text);
+        pipeline = pipeline
+            .with_control(dir, context)
+            .with_context(|| format!("{}: loading the ControlNet {}", at(), dir.display()))?;
+    }
     let (scorer, described) = scorer(&p, &device)?;
     let faces = reference_faces(&p, pipeline.crop_ops.warp)?;
     let refs = subject_references(&p, faces.as_ref())?;

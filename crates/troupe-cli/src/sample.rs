@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
+use troupe_diffusion::control::ControlContext;
 use troupe_diffusion::gallery::{contact_sheet, png, write_atomic};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::Reference;
@@ -31,7 +32,8 @@ pub struct SampleArgs {
     out: PathBuf,
     /// Jobs, one JSON object per line: `prompt`, `references` (list), and optionally any of
     /// `negative_prompt`, `seed`, `steps`, `scheduler`, `guidance`, `ip_scale`, `lora_scale`,
-    /// `width`, `height`, `num_images`, `name` (the flags give the defaults).
+    /// `width`, `height`, `num_images`, `name`, `pose`, `controlnet_scale` (the flags give the
+    /// defaults).
     #[arg(long, conflicts_with_all = ["prompt", "reference"])]
     jobs: Option<PathBuf>,
     /// The prompt.
@@ -77,6 +79,20 @@ pub struct SampleArgs {
     /// (num_images, C, H/8, W/8), as diffusers' `latents=` (before `init_noise_sigma`).
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// A pose ControlNet (diffusers `controlnet/` folder, e.g. an SDXL OpenPose ControlNet).
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// A pose image for every job (needs --controlnet); resized to the output size as
+    /// diffusers does (Lanczos) when it has the same shape.
+    #[arg(long, requires = "controlnet")]
+    pose: Option<PathBuf>,
+    /// Multiplies the ControlNet's residuals (`controlnet_conditioning_scale`).
+    #[arg(long, default_value_t = 1.0)]
+    controlnet_scale: f64,
+    /// What the ControlNet attends to: `text` (diffusers' SDXL ControlNet pipeline) or
+    /// `image-tokens` (as StoryMaker's training feeds it).
+    #[arg(long, default_value = "text", value_parser = parse_context)]
+    controlnet_context: ControlContext,
     /// Face models for `photo=` references.
     #[command(flatten)]
     faces: crate::eval::OptionalFaceModels,
@@ -106,13 +122,27 @@ struct JobLine {
     height: Option<usize>,
     num_images: Option<usize>,
     name: Option<String>,
+    pose: Option<PathBuf>,
+    controlnet_scale: Option<f64>,
 }
 
-/// A job ready to run: settings, references, file stem.
+/// A job ready to run: settings, references, file stem, pose (file and pixels).
 struct Job {
     settings: Settings,
     references: Vec<Reference>,
     name: String,
+    pose: Option<(PathBuf, Vec<f32>)>,
+}
+
+fn parse_context(s: &str) -> Result<ControlContext, String> {
+    ControlContext::parse(s).ok_or_else(|| format!("`{s}`: expected text or image-tokens"))
+}
+
+/// Reads a job's pose at its output size.
+fn pose(path: Option<PathBuf>, s: &Settings) -> Result<Option<(PathBuf, Vec<f32>)>> {
+    let Some(path) = path else { return Ok(None) };
+    let pixels = troupe_diffusion::control::read_pose(&path, s.width, s.height)?;
+    Ok(Some((path, pixels)))
 }
 
 fn settings_from_flags(args: &SampleArgs, prompt: &str, size: usize) -> Result<Settings> {
@@ -128,6 +158,7 @@ fn settings_from_flags(args: &SampleArgs, prompt: &str, size: usize) -> Result<S
         height: args.height.unwrap_or(size),
         num_images: args.num_images,
         seed: args.seed,
+        controlnet_scale: args.controlnet_scale,
     })
 }
 
@@ -149,10 +180,12 @@ fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
             .iter()
             .map(|r| reference(r, cwd, faces.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        let pose = pose(args.pose.clone(), &settings)?;
         return Ok(vec![Job {
             settings,
             references,
             name: "image".into(),
+            pose,
         }]);
     };
     let text =
@@ -179,6 +212,12 @@ fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
         s.width = j.width.unwrap_or(s.width);
         s.height = j.height.unwrap_or(s.height);
         s.num_images = j.num_images.unwrap_or(s.num_images);
+        s.controlnet_scale = j.controlnet_scale.unwrap_or(s.controlnet_scale);
+        let pose_file = j.pose.map(|p| base.join(p)).or(args.pose.clone());
+        if pose_file.is_some() && args.controlnet.is_none() {
+            bail!("{}: `pose` needs --controlnet", at());
+        }
+        let pose = pose(pose_file, &s).with_context(at)?;
         let references = j
             .references
             .iter()
@@ -193,6 +232,7 @@ fn jobs(args: &SampleArgs, pipeline: &Pipeline) -> Result<Vec<Job>> {
             settings: s,
             references,
             name,
+            pose,
         });
     }
     if out.is_empty() {
@@ -219,7 +259,7 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
     let adapter_path = crate::adapter::adapter_file(&args.adapter)?;
     let adapter = AdapterFile::read(&adapter_path)?;
     let adapter_sha = sha256_file(&adapter_path)?;
-    let pipeline = Pipeline::load(&args.model, &args.image_encoder, &adapter, &device)
+    let mut pipeline = Pipeline::load(&args.model, &args.image_encoder, &adapter, &device)
         .with_context(|| {
             format!(
                 "loading {} with {}",
@@ -227,6 +267,11 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
                 adapter_path.display()
             )
         })?;
+    if let Some(dir) = &args.controlnet {
+        pipeline = pipeline
+            .with_control(dir, args.controlnet_context)
+            .with_context(|| format!("loading the ControlNet {}", dir.display()))?;
+    }
     // Everything is checked before the first denoising step.
     let jobs = jobs(&args, &pipeline)?;
     let mut prepared = Vec::new();
@@ -276,6 +321,7 @@ pub fn run(args: SampleArgs) -> Result<ExitCode> {
                 settings: &jobs[k].settings,
                 characters: &prepared[k],
                 latents: latents.clone(),
+                pose: jobs[k].pose.as_ref().map(|(_, p)| p.as_slice()),
             })
             .collect();
         let outputs = pipeline.generate_batch(requests, &mut on_step)?;
@@ -349,6 +395,10 @@ fn sidecar(
         "base_model": args.model.display().to_string(),
         "image_encoder": args.image_encoder.display().to_string(),
         "latents": args.latents.as_ref().map(|p| p.display().to_string()),
+        "pose": job.pose.as_ref().map(|(p, _)| p.display().to_string()),
+        "controlnet": job.pose.as_ref().and(args.controlnet.as_ref()).map(|p| p.display().to_string()),
+        "controlnet_scale": job.pose.as_ref().map(|_| s.controlnet_scale),
+        "controlnet_context": job.pose.as_ref().map(|_| args.controlnet_context.name()),
         "device": args.device, "producer": format!("troupe {}", env!("CARGO_PKG_VERSION")),
     })
 }

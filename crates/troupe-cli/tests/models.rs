@@ -249,3 +249,29 @@ fn debug_forward_clip_encoders_match_transformers() {
         forward_matches(component, &d, &d.join("io.safetensors"), outputs, &[]);
     }
 }
+
+#[test]
+fn controlnet_forward_and_inspect_match_diffusers() {
+    let dir = fixtures().join("controlnet/sdxl_tiny");
+    let names: Vec<String> = (0..9)
+        .map(|i| format!("down_block_res_samples.{i}"))
+        .chain(["mid_block_res_sample".to_string()])
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    forward_matches(
+        "controlnet",
+        &dir,
+        &dir.join("io_even.safetensors"),
+        &names,
+        &[],
+    );
+    let out = troupe(&["inspect", s(&dir)]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    // diffusers' own count: sum(p.numel() for p in ControlNetModel.parameters()).
+    assert!(
+        text.contains("ControlNetModel") && text.contains("parameters: 92652"),
+        "{text}"
+    );
+    assert!(text.contains("residuals: 9"), "{text}");
+}

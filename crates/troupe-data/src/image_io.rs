@@ -132,6 +132,15 @@ fn decode(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<DynamicIm
     })
 }
 
+/// Whether two images have the same shape up to the rounding of a resize: one scaled to the
+/// other's width is within a pixel of its height, or scaled to its height within a pixel of
+/// its width (a 1440×960 pose for a 1280×853 image, as in StoryMaker's example data). Such an
+/// image may be resized to the other; anything else (a transposed or cropped one) may not.
+pub fn same_aspect((aw, ah): (u32, u32), (bw, bh): (u32, u32)) -> bool {
+    let (aw, ah, bw, bh) = (aw as f64, ah as f64, bw as f64, bh as f64);
+    (ah * bw / aw - bh).abs() <= 1.0 || (aw * bh / ah - bw).abs() <= 1.0
+}
+
 /// Decodes to 8-bit RGB (alpha dropped, gray expanded).
 pub fn decode_rgb(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<RgbImage> {
     Ok(match decode(bytes, at, limits)? {
@@ -170,4 +179,19 @@ pub fn encode_png_rgb(img: &RgbImage) -> Vec<u8> {
     img.write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
         .expect("PNG encoding to memory cannot fail");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_aspect_allows_resize_rounding_only() {
+        // StoryMaker's example pose and mask for its 1280×853 image.
+        assert!(same_aspect((1440, 960), (1280, 853)));
+        assert!(same_aspect((640, 426), (1280, 853)));
+        assert!(same_aspect((64, 64), (64, 64)));
+        assert!(!same_aspect((96, 64), (64, 96)));
+        assert!(!same_aspect((1280, 720), (1280, 853)));
+    }
 }

@@ -6,13 +6,14 @@
 //! dilated mask's bounding box and composited on white, an aligned face crop by the 5-point
 //! similarity transform to the ArcFace template, a body crop rotated by U(±10°) with white fill
 //! and resized to 224² (Lanczos), both CLIP-normalised; the soft mask at 1/8 resolution for the
-//! losses; the pose image resized to the target in [0, 1].
+//! losses; the pose image resized to the target in [0, 1] (bicubic, as the reference's
+//! Pillow default).
 
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{DecodeLimits, decode_gray, decode_rgb};
+use crate::image_io::{DecodeLimits, decode_gray, decode_rgb, same_aspect};
 use crate::ops::{self, Filter};
 use crate::plan::Target;
 use crate::rng::KeyedRng;
@@ -73,6 +74,9 @@ pub struct RecipeConfig {
     /// SDXL `time_ids`: with `Some((h, w))` the reference's fixed target size (1286, 960) and
     /// original size = training size; with `None` the usual SDXL (original size, crop, target).
     pub fixed_target_size: Option<(u32, u32)>,
+    /// Refuse rows without a pose image (`data.require_pose`); otherwise such rows train
+    /// without the ControlNet.
+    pub require_pose: bool,
 }
 
 impl Default for RecipeConfig {
@@ -84,6 +88,7 @@ impl Default for RecipeConfig {
             latent_downsample: 8,
             dropout: Dropout::default(),
             fixed_target_size: Some((1286, 960)),
+            require_pose: false,
         }
     }
 }
@@ -245,10 +250,30 @@ pub fn process(
     }
 
     let pose = match &sample.pose {
+        None if cfg.require_pose => {
+            return Err(DataError::new(
+                at.field(col::POSE),
+                "no pose image, and `data.require_pose` is set",
+            ));
+        }
         None => None,
         Some(p) => {
             let pose = decode_rgb(&p.bytes, &at.field(col::POSE), limits)?;
-            // The pose may have its own size; crop the same relative region as the image.
+            if !same_aspect(pose.dimensions(), image.dimensions()) {
+                return Err(DataError::new(
+                    at.field(col::POSE),
+                    format!(
+                        "pose is {}x{}, the image is {}x{}: not the same shape (another image's pose?)",
+                        pose.width(),
+                        pose.height(),
+                        image.width(),
+                        image.height()
+                    ),
+                ));
+            }
+            // A pose of another size is resized with the image, as the reference's
+            // `pose.resize((gt_w, gt_h))` (Pillow's default, bicubic): the same relative
+            // region (the bucket's crop), then the target size.
             let sx = pose.width() as f64 / image.width() as f64;
             let sy = pose.height() as f64 / image.height() as f64;
             let pc = [
@@ -263,7 +288,7 @@ pub fn process(
                 pose_view.as_ref().unwrap_or(&pose),
                 w,
                 h,
-                Filter::Bilinear,
+                Filter::CatmullRom,
                 at,
             )?;
             let mut out = vec![0.0; 3 * (w * h) as usize];

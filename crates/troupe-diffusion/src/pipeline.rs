@@ -19,6 +19,7 @@ use troupe_models::weights::Precision;
 
 use crate::DiffusionError;
 use crate::conditioning::{CharacterFeatures, Encoders, host, image_tokens};
+use crate::control::{ControlBatch, ControlContext, PoseControl};
 use crate::reference::{CropOps, Reference};
 use crate::samplers::{self, SamplerKind};
 
@@ -48,6 +49,9 @@ pub struct Settings {
     pub num_images: usize,
     /// Seed of the initial latents and any sampler noise.
     pub seed: u64,
+    /// Multiplies the ControlNet's residuals (`controlnet_conditioning_scale`; used only for
+    /// requests with a pose).
+    pub controlnet_scale: f64,
 }
 
 impl Settings {
@@ -55,19 +59,20 @@ impl Settings {
     /// the size (prompts, negative prompts, references, seeds and counts may differ).
     pub fn batch_key(&self) -> String {
         format!(
-            "{}|{}|{}|{}|{}|{}x{}",
+            "{}|{}|{}|{}|{}|{}x{}|{}",
             self.steps,
             self.sampler.name(),
             self.guidance,
             self.ip_scale,
             self.lora_scale,
             self.width,
-            self.height
+            self.height,
+            self.controlnet_scale
         )
     }
 
     /// The reference's settings for `prompt` at `width` × `height`: UniPC, 25 steps,
-    /// guidance 7.5, both scales 0.8, one image, seed 0.
+    /// guidance 7.5, both scales 0.8, one image, seed 0 (and diffusers' ControlNet scale 1).
     pub fn new(prompt: &str, width: usize, height: usize) -> Self {
         Self {
             prompt: prompt.to_string(),
@@ -81,6 +86,7 @@ impl Settings {
             height,
             num_images: 1,
             seed: 0,
+            controlnet_scale: 1.0,
         }
     }
 }
@@ -98,6 +104,8 @@ pub struct Pipeline {
     /// Image side the base model was trained at (diffusers' default `height`/`width`): the
     /// UNet config's `sample_size` × the VAE factor.
     pub default_size: usize,
+    /// A pose ControlNet, for requests with a pose.
+    pub control: Option<PoseControl>,
 }
 
 impl Pipeline {
@@ -148,7 +156,20 @@ impl Pipeline {
             encoders,
             adapter,
             device: device.clone(),
+            control: None,
         })
+    }
+
+    /// Adds a pose ControlNet (a diffusers `controlnet/` folder), checked against the UNet.
+    pub fn with_control(
+        mut self,
+        dir: &Path,
+        context: ControlContext,
+    ) -> Result<Self, DiffusionError> {
+        let precision = Precision::F32;
+        let control = PoseControl::load(dir, &self.adapter.unet, precision, context, &self.device)?;
+        self.control = Some(control);
+        Ok(self)
     }
 
     /// CLIP features of the references, in slot order.
@@ -202,6 +223,13 @@ impl Pipeline {
             ));
         }
         samplers::build(settings.sampler, &self.encoders.scheduler, settings.steps)?;
+        if !settings.controlnet_scale.is_finite() {
+            return Err(DiffusionError::input(
+                "--controlnet-scale",
+                "",
+                "must be finite",
+            ));
+        }
         Ok(())
     }
 
@@ -237,6 +265,7 @@ impl Pipeline {
             settings,
             characters,
             latents,
+            pose: None,
         };
         let mut images = self.generate_batch(vec![request], on_step)?;
         Ok(images.remove(0))
@@ -281,7 +310,15 @@ impl Pipeline {
                 None => self.initial_noise(r.settings),
             });
         }
-        let (context, pooled, time_ids, ip_bias) = self.conditioning(&first, &requests)?;
+        let Conditioned {
+            context,
+            pooled,
+            time_ids,
+            ip_bias,
+            text_tokens,
+            rows,
+        } = self.conditioning(&first, &requests)?;
+        let poses = self.poses(&first, &requests, &rows)?;
         let cfg = first.guidance > 1.0;
         let mut sampler = samplers::build(first.sampler, &self.encoders.scheduler, first.steps)?;
         let mut x = Tensor::cat(x, 0).mul_scalar(sampler.init_noise_sigma());
@@ -308,11 +345,28 @@ impl Pipeline {
             };
             let input = sampler.scale_model_input(input, i);
             let b = input.dims()[0];
+            let timestep = host(vec![t; b], [b], &self.device);
+            // Both guidance branches get the residuals, as in diffusers' ControlNet pipelines.
+            let control = match (&self.control, &poses) {
+                (Some(c), Some((pose, has_pose))) => Some(c.residuals(ControlBatch {
+                    sample: input.clone(),
+                    timestep: timestep.clone(),
+                    context: &context,
+                    text_tokens,
+                    ip_bias: ctx.ip_bias.as_ref(),
+                    pooled: pooled.clone(),
+                    time_ids: time_ids.clone(),
+                    pose: pose.clone(),
+                    has_pose: has_pose.clone(),
+                    scale: first.controlnet_scale,
+                })),
+                _ => None,
+            };
             let out = self.adapter.unet.forward(
                 UNetInput {
-                    control: None,
+                    control,
                     sample: input,
-                    timestep: host(vec![t; b], [b], &self.device),
+                    timestep,
                     encoder_hidden_states: context.clone(),
                     text_embeds: Some(pooled.clone()),
                     time_ids: Some(time_ids.clone()),
@@ -351,15 +405,14 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// `(context, pooled, time_ids, image-token bias)` of the UNet batch. Rows: with guidance
-    /// every request's unconditional branch, then every conditional one (diffusers' order for
-    /// one request), each repeated for the request's images; without guidance only the latter.
-    #[allow(clippy::type_complexity)]
+    /// The UNet batch's conditioning. Rows: with guidance every request's unconditional
+    /// branch, then every conditional one (diffusers' order for one request), each repeated for
+    /// the request's images; without guidance only the latter.
     fn conditioning(
         &self,
         first: &Settings,
         requests: &[Request<'_>],
-    ) -> Result<(Tensor<3>, Tensor<2>, Tensor<2>, Option<Tensor<2>>), DiffusionError> {
+    ) -> Result<Conditioned, DiffusionError> {
         let d = &self.device;
         let prompts: Vec<String> = requests.iter().map(|r| r.settings.prompt.clone()).collect();
         let (text, pooled) = self.encoders.encode_prompts(&prompts, d)?;
@@ -386,6 +439,7 @@ impl Pipeline {
         pooleds.push(pooled);
         features.extend(requests.iter().map(|r| r.characters.clone()));
         let (tokens, bias) = image_tokens(&self.adapter.ppr, features, d);
+        let text_tokens = texts[0].dims()[1];
         let context = Tensor::cat(vec![Tensor::cat(texts, 0), tokens], 1); // [branches·k, M, D]
         let pooled = Tensor::cat(pooleds, 0);
         // Row r of the per-request tensors, repeated for each of its request's images.
@@ -400,13 +454,75 @@ impl Pipeline {
         let index = Tensor::<1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), d);
         let (h, w) = (first.height as f32, first.width as f32);
         let ids: Vec<f32> = rows.iter().flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
-        Ok((
-            context.select(0, index.clone()),
-            pooled.select(0, index.clone()),
-            host(ids, [rows.len(), 6], d),
-            bias.map(|b| b.select(0, index)),
-        ))
+        Ok(Conditioned {
+            context: context.select(0, index.clone()),
+            pooled: pooled.select(0, index.clone()),
+            time_ids: host(ids, [rows.len(), 6], d),
+            ip_bias: bias.map(|b| b.select(0, index)),
+            text_tokens,
+            rows: rows.iter().map(|&r| r as usize % requests.len()).collect(),
+        })
     }
+
+    /// The poses of the UNet batch's rows `[rows, 3, H, W]` and which rows have one (`None`
+    /// when no request has a pose). A pose without a ControlNet is refused.
+    #[allow(clippy::type_complexity)]
+    fn poses(
+        &self,
+        first: &Settings,
+        requests: &[Request<'_>],
+        rows: &[usize],
+    ) -> Result<Option<(Tensor<4>, Option<Vec<f32>>)>, DiffusionError> {
+        if requests.iter().all(|r| r.pose.is_none()) {
+            return Ok(None);
+        }
+        if self.control.is_none() {
+            return Err(DiffusionError::input(
+                "--pose",
+                "",
+                "a pose needs a ControlNet (--controlnet)",
+            ));
+        }
+        let (h, w) = (first.height, first.width);
+        let size = 3 * h * w;
+        let mut pixels = vec![0f32; rows.len() * size];
+        let mut has = Vec::with_capacity(rows.len());
+        for (k, &r) in rows.iter().enumerate() {
+            match requests[r].pose {
+                Some(p) if p.len() == size => {
+                    pixels[k * size..(k + 1) * size].copy_from_slice(p);
+                    has.push(1.0);
+                }
+                Some(p) => {
+                    return Err(DiffusionError::input(
+                        "--pose",
+                        "",
+                        format!("has {} values, expected 3 × {h} × {w}", p.len()),
+                    ));
+                }
+                None => has.push(0.0),
+            }
+        }
+        let all = has.iter().all(|&x| x == 1.0);
+        let pose = host(pixels, [rows.len(), 3, h, w], &self.device);
+        Ok(Some((pose, (!all).then_some(has))))
+    }
+}
+
+/// The conditioning of one UNet batch.
+struct Conditioned {
+    /// `[rows, text + N_ip, D]`.
+    context: Tensor<3>,
+    /// `[rows, P]`.
+    pooled: Tensor<2>,
+    /// `[rows, 6]`.
+    time_ids: Tensor<2>,
+    /// Padding bias of the image tokens.
+    ip_bias: Option<Tensor<2>>,
+    /// Text tokens at the start of `context`.
+    text_tokens: usize,
+    /// The request of each row.
+    rows: Vec<usize>,
 }
 
 /// One request of a [`Pipeline::generate_batch`] call.
@@ -417,6 +533,8 @@ pub struct Request<'a> {
     pub characters: &'a CharacterFeatures,
     /// Initial latents (seeded noise when `None`).
     pub latents: Option<Tensor<4>>,
+    /// Its pose in [0, 1] `[3, H, W]` ([`crate::control::read_pose`]), for the ControlNet.
+    pub pose: Option<&'a [f32]>,
 }
 
 /// `[N, 3, H, W]` in [0, 1] → 8-bit RGB images as diffusers' `numpy_to_pil` makes them:

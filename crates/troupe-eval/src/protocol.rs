@@ -75,6 +75,13 @@ pub struct GenerationSpec {
     pub height: Option<usize>,
     /// Negative prompt.
     pub negative_prompt: Option<String>,
+    /// A pose ControlNet folder (diffusers layout), for prompts with a `pose`.
+    pub controlnet: Option<PathBuf>,
+    /// Its residuals' scale (`controlnet_conditioning_scale`).
+    pub controlnet_scale: Option<f64>,
+    /// What it attends to: `text` (diffusers' pipeline, the default here) or `image_tokens`
+    /// (StoryMaker's training).
+    pub controlnet_context: Option<troupe_diffusion::control::ControlContext>,
 }
 
 /// `[scorers]`: the scorer models.
@@ -163,6 +170,9 @@ pub struct PromptSpec {
     /// For a prompt with several `{}`: the subject tuples to generate it with (names, in
     /// placeholder order). Unset: every subject alone (the prompt must then have one `{}`).
     pub subjects: Option<Vec<Vec<String>>>,
+    /// A pose image every image of this prompt is generated with (needs
+    /// `generation.controlnet`); relative to the protocol file.
+    pub pose: Option<PathBuf>,
 }
 
 /// A subjects file (`--subjects`): `[[subjects]]` entries only.
@@ -244,8 +254,14 @@ impl Protocol {
             &mut p.scorers.clip,
             &mut p.scorers.face_detector,
             &mut p.scorers.face_recognizer,
+            &mut p.generation.controlnet,
         ] {
             if let Some(v) = f.as_mut() {
+                *v = here.join(&*v);
+            }
+        }
+        for prompt in &mut p.prompts {
+            if let Some(v) = prompt.pose.as_mut() {
                 *v = here.join(&*v);
             }
         }
@@ -270,6 +286,13 @@ impl Protocol {
         }
         if self.seeds.is_empty() {
             return Err(at("`seeds` is empty".into()));
+        }
+        if self.generation.controlnet.is_none()
+            && let Some(i) = self.prompts.iter().position(|p| p.pose.is_some())
+        {
+            return Err(at(format!(
+                "prompts[{i}].pose needs `generation.controlnet` (a pose ControlNet folder)"
+            )));
         }
         let mut names = BTreeSet::new();
         for (i, s) in self.subjects.iter().enumerate() {

@@ -77,6 +77,7 @@ pub fn settings(
     s.lora_scale = g.lora_scale.unwrap_or(s.lora_scale);
     s.num_images = protocol.images_per_prompt;
     s.seed = item.seed;
+    s.controlnet_scale = g.controlnet_scale.unwrap_or(s.controlnet_scale);
     Ok(s)
 }
 
@@ -97,9 +98,15 @@ pub fn generate(
     let calls: Vec<&[Item]> = items.chunks(protocol.images_per_prompt).collect();
     let mut prepared = Vec::new();
     let mut features = BTreeMap::new();
+    let mut poses = Vec::new();
     for call in &calls {
         let s = settings(protocol, &call[0], pipeline.default_size)?;
         pipeline.check(&s)?;
+        let pose = protocol.prompts[call[0].prompt_index].pose.as_deref();
+        poses.push(
+            pose.map(|p| troupe_diffusion::control::read_pose(p, s.width, s.height))
+                .transpose()?,
+        );
         if !features.contains_key(&call[0].subjects) {
             let refs: Vec<Reference> = call[0]
                 .subjects
@@ -132,6 +139,7 @@ pub fn generate(
                 settings: &prepared[c],
                 characters: &features[&calls[c][0].subjects],
                 latents: None,
+                pose: poses[c].as_deref(),
             })
             .collect();
         let outputs = pipeline.generate_batch(requests, &mut |_, _| {})?;

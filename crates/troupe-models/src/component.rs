@@ -11,6 +11,7 @@ use burn::tensor::DType;
 
 use crate::attention::{AdapterScales, AttnContext};
 use crate::clip::{ClipConfig, ClipTextModel, ClipVisionModel};
+use crate::controlnet::{ControlNetConfig, ControlNetInput, ControlNetModel};
 use crate::error::{ConfigError, ModelError};
 use crate::ppr::FaceIdPlusConfig;
 use crate::unet::{UNet2DConditionConfig, UNet2DConditionModel, UNetInput};
@@ -22,6 +23,8 @@ use crate::weights::{LoadReport, StateDict, StoredDType, WeightError, to_host};
 pub enum Component {
     /// `UNet2DConditionModel`.
     Unet,
+    /// `ControlNetModel`.
+    ControlNet,
     /// `CLIPTextModel` (SDXL `text_encoder/`).
     TextEncoder,
     /// `CLIPTextModelWithProjection` (SDXL `text_encoder_2/`).
@@ -38,8 +41,9 @@ pub enum Component {
 
 impl Component {
     /// Every component with its command-line name.
-    pub const ALL: [(&'static str, Component); 7] = [
+    pub const ALL: [(&'static str, Component); 8] = [
         ("unet", Component::Unet),
+        ("controlnet", Component::ControlNet),
         ("text-encoder", Component::TextEncoder),
         ("text-encoder-2", Component::TextEncoder2),
         ("image-encoder", Component::ImageEncoder),
@@ -106,12 +110,7 @@ pub fn forward(
             if unet.add_embedding.is_some()
                 && (input.text_embeds.is_none() || input.time_ids.is_none())
             {
-                return Err(ConfigError::new(
-                    &model.join("config.json").display().to_string(),
-                    "addition_embed_type",
-                    "is text_time: the inputs need `text_embeds` and `time_ids`",
-                )
-                .into());
+                return Err(text_time_inputs(model));
             }
             let ctx = AttnContext {
                 scales,
@@ -119,6 +118,47 @@ pub fn forward(
             };
             let out = unet.forward(input, &ctx);
             vec![("out".to_string(), to_host(out.sample))]
+        }
+        Component::ControlNet => {
+            let (cn, _) = ControlNetModel::from_dir(model, device, f32)?;
+            let channels = cn.conv_in.weight.lazy_shape().dims::<4>()[1];
+            let sample = input(inputs, "sample", [None, Some(channels), None, None], device)?;
+            let [b, _, h, w] = sample.dims();
+            let f = cn.conditioning_downscale();
+            let cond = [Some(b), Some(cn.conditioning_channels()), Some(h * f), Some(w * f)];
+            let scale = match optional::<1>(inputs, "conditioning_scale", [Some(1)], device)? {
+                Some(t) => t.into_data().convert::<f64>().as_slice::<f64>().expect("f64")[0],
+                None => 1.0,
+            };
+            let cross = cn.cross_attention_dim();
+            let input = ControlNetInput {
+                timestep: input(inputs, "timestep", [Some(b)], device)?,
+                encoder_hidden_states: input(
+                    inputs,
+                    "encoder_hidden_states",
+                    [Some(b), None, cross],
+                    device,
+                )?,
+                text_embeds: optional(inputs, "text_embeds", [Some(b), None], device)?,
+                time_ids: optional(inputs, "time_ids", [Some(b), None], device)?,
+                controlnet_cond: input(inputs, "controlnet_cond", cond, device)?,
+                conditioning_scale: scale,
+                sample,
+            };
+            if cn.add_embedding.is_some()
+                && (input.text_embeds.is_none() || input.time_ids.is_none())
+            {
+                return Err(text_time_inputs(model));
+            }
+            let out = cn.forward(input, None);
+            let mut v: NamedTensors = out
+                .down
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (format!("down_block_res_samples.{i}"), to_host(t)))
+                .collect();
+            v.push(("mid_block_res_sample".to_string(), to_host(out.mid)));
+            v
         }
         Component::TextEncoder | Component::TextEncoder2 => {
             let (te, _) = ClipTextModel::from_dir(model, device, f32)?;
@@ -218,6 +258,16 @@ pub fn forward(
     Ok(out)
 }
 
+/// The error for an SDXL model run without its `text_time` inputs.
+fn text_time_inputs(model: &Path) -> ModelError {
+    ConfigError::new(
+        &model.join("config.json").display().to_string(),
+        "addition_embed_type",
+        "is text_time: the inputs need `text_embeds` and `time_ids`",
+    )
+    .into()
+}
+
 /// Takes input `key` after checking its shape against `want` (`None`: any size).
 fn input<const D: usize>(
     inputs: &mut StateDict,
@@ -310,6 +360,7 @@ pub fn inspect(path: &Path) -> Result<Vec<Inspection>, ModelError> {
         let mut out = Vec::new();
         for sub in [
             "unet",
+            "controlnet",
             "vae",
             "text_encoder",
             "text_encoder_2",
@@ -414,6 +465,31 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, ModelError> {
                 dtypes,
                 sd.finish("UNet2DConditionModel"),
             )
+        }
+        "ControlNetModel" => {
+            let cfg = ControlNetConfig::from_file(&dir.join("config.json"))?;
+            let mut cn = ControlNetModel::new(&cfg, &Device::flex())?;
+            let mut sd = StateDict::from_dir(dir, "diffusion_pytorch_model")?.check_only();
+            let dtypes = sd.dtype_counts();
+            cn.load(&mut sd, "");
+            let fields = [
+                "block_out_channels",
+                "layers_per_block",
+                "transformer_layers_per_block",
+                "attention_head_dim",
+                "num_attention_heads",
+                "cross_attention_dim",
+                "addition_embed_type",
+                "down_block_types",
+                "conditioning_embedding_out_channels",
+                "controlnet_conditioning_channel_order",
+            ];
+            let mut summary = summary(&config, &fields);
+            summary.push((
+                "residuals".into(),
+                cn.controlnet_down_blocks.len().to_string(),
+            ));
+            finish(dir, class, summary, dtypes, sd.finish("ControlNetModel"))
         }
         "CLIPTextModel" | "CLIPTextModelWithProjection" | "CLIPVisionModelWithProjection" => {
             let cfg = ClipConfig::from_file(&dir.join("config.json"))?;

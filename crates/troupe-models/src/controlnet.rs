@@ -274,6 +274,17 @@ impl ControlNetModel {
         crate::unet::skip_channels(&self.conv_in, &self.down_blocks)
     }
 
+    /// Channels of the conditioning image.
+    pub fn conditioning_channels(&self) -> usize {
+        let conv = &self.controlnet_cond_embedding.conv_in;
+        conv.weight.lazy_shape().dims::<4>()[1]
+    }
+
+    /// How many pixels of the conditioning image make one latent pixel (8 for SDXL's).
+    pub fn conditioning_downscale(&self) -> usize {
+        1 << (self.controlnet_cond_embedding.blocks.len() / 2)
+    }
+
     /// Width of the cross-attentions' keys (what `encoder_hidden_states` must have).
     pub fn cross_attention_dim(&self) -> Option<usize> {
         self.down_blocks

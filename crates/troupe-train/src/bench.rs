@@ -183,6 +183,7 @@ fn step_loss(
         record: recorded_layers(adapter, obj),
         ip_bias,
         kernel: obj.attention,
+        key_bias: None,
     };
     let (h, w) = (s.height, s.width);
     let out = adapter.unet.forward(

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use troupe_diffusion::control::ControlContext;
 use troupe_models::adapter::AdapterSpec;
 use troupe_models::weights::Precision;
 
@@ -67,6 +68,21 @@ pub struct ModelConfig {
     /// losses are computed in f32. `bf16` halves the frozen weights' and activations' memory.
     #[serde(default)]
     pub dtype: Precision,
+    /// A frozen pose ControlNet (diffusers `controlnet/` folder) fed the rows' pose images;
+    /// its residuals go into the UNet. Rows without a pose train without it.
+    #[serde(default)]
+    pub controlnet: Option<PathBuf>,
+    /// Multiplies the ControlNet's residuals.
+    #[serde(default = "controlnet_scale")]
+    pub controlnet_scale: f64,
+    /// What the ControlNet attends to: `image_tokens` (the reference's training script: the
+    /// PPR tokens) or `text`.
+    #[serde(default)]
+    pub controlnet_context: ControlContext,
+}
+
+fn controlnet_scale() -> f64 {
+    1.0
 }
 
 // Adapter defaults are defined once, by the spec of the released StoryMaker adapter.
@@ -134,6 +150,10 @@ pub struct DataConfig {
     /// get their own augmentations.
     #[serde(default)]
     pub repeat_by_characters: Vec<u32>,
+    /// Refuse rows without a pose image (with `model.controlnet`); by default they train
+    /// without the ControlNet.
+    #[serde(default)]
+    pub require_pose: bool,
 }
 
 fn window() -> usize {
@@ -466,6 +486,11 @@ impl TrainConfig {
             "must be ≥ 0",
         )?;
         check(t.log_every > 0, "train.log_every", "must be > 0")?;
+        check(
+            self.model.controlnet_scale.is_finite(),
+            "model.controlnet_scale",
+            "must be a finite number",
+        )?;
         crate::device::parse_device(&t.device)?;
         check(
             t.max_nonfinite_steps > 0,

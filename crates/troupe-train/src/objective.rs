@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use troupe_data::loader::Batch;
 use troupe_data::rng::KeyedRng;
 use troupe_diffusion::conditioning::{Encoders, host};
+use troupe_diffusion::control::{ControlBatch, PoseControl};
 use troupe_diffusion::schedule::Prediction;
 use troupe_models::adapter::Adapter;
 use troupe_models::attention::{AdapterScales, AttentionKernel, AttnContext};
@@ -186,10 +187,12 @@ pub(crate) fn recorded_layers(adapter: &Adapter, obj: &ObjectiveConfig) -> Vec<u
         .collect()
 }
 
-/// The reference training forward pass on one batch; returns the losses.
+/// The reference training forward pass on one batch; returns the losses. `control`: a pose
+/// ControlNet and its scale, fed the batch's poses (rows without one get no residuals).
 pub fn forward(
     encoders: &Encoders,
     adapter: &Adapter,
+    control: Option<(&PoseControl, f64)>,
     batch: &Batch,
     rnd: &StepNoise,
     obj: &ObjectiveConfig,
@@ -225,17 +228,36 @@ pub fn forward(
     let ctx = AttnContext {
         scales: AdapterScales::default(),
         record: recorded_layers(adapter, obj),
-        ip_bias: cond.ip_bias,
+        ip_bias: cond.ip_bias.clone(),
         kernel: obj.attention,
+        key_bias: None,
     };
     let timesteps = host(
         rnd.timesteps.iter().map(|&t| t as f32).collect(),
         [b],
         device,
     );
+    let residuals = match (control, &batch.pose) {
+        (Some((control, scale)), Some(pose)) => {
+            let all = batch.has_pose.iter().all(|&x| x == 1.0);
+            Some(control.residuals(ControlBatch {
+                sample: noisy.clone(),
+                timestep: timesteps.clone(),
+                context: &cond.context,
+                text_tokens: encoders.tokenizer.max_length(),
+                ip_bias: cond.ip_bias.as_ref(),
+                pooled: cond.pooled.clone(),
+                time_ids: cond.time_ids.clone(),
+                pose: host(pose.clone(), [b, 3, h, w], device),
+                has_pose: (!all).then(|| batch.has_pose.clone()),
+                scale,
+            }))
+        }
+        _ => None,
+    };
     let out = adapter.unet.forward(
         UNetInput {
-            control: None,
+            control: residuals,
             sample: noisy,
             timestep: timesteps,
             encoder_hidden_states: cond.context,

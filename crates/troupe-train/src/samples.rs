@@ -196,6 +196,7 @@ impl Samples {
                 let requests = settings
                     .iter()
                     .map(|s| Request {
+                        pose: None,
                         settings: s,
                         characters: set,
                         latents: None,

@@ -19,6 +19,7 @@ use troupe_data::recipe::RecipeConfig;
 use troupe_data::rng::{KeyedRng, Purpose};
 use troupe_data::shard::find_shards;
 use troupe_diffusion::conditioning::Encoders;
+use troupe_diffusion::control::PoseControl;
 use troupe_diffusion::pipeline::Pipeline;
 use troupe_models::adapter::Adapter;
 use troupe_models::adapter_file::{AdapterFormat, ExportDType};
@@ -155,7 +156,10 @@ pub(crate) fn loader_config(config: &TrainConfig, encoders: &Encoders) -> Loader
         } else {
             BadRowPolicy::Fail
         },
-        recipe,
+        recipe: RecipeConfig {
+            require_pose: d.require_pose,
+            ..recipe
+        },
         repeats: d.repeat_by_characters.clone(),
         ..LoaderConfig::default()
     }
@@ -211,6 +215,16 @@ impl Run {
             .map_err(anyhow::Error::msg)?
             .autodiff();
         let (encoders, mut adapter) = load_models(&config, &device)?;
+        let m = &config.model;
+        let control = match &m.controlnet {
+            Some(dir) => {
+                require_dir(dir, "model.controlnet")?;
+                let c = PoseControl::load(dir, &adapter.unet, m.dtype, m.controlnet_context, &device)
+                    .with_context(|| format!("loading the ControlNet from {}", dir.display()))?;
+                Some(c)
+            }
+            None => None,
+        };
         let shards = find_shards(&config.data.shards)?;
         let lcfg = loader_config(&config, &encoders);
         let dir = config.run.dir.clone();
@@ -280,7 +294,8 @@ impl Run {
         for (group, params) in adapter.param_groups() {
             names.add(params, group);
         }
-        let pipeline = Pipeline::from_parts(&config.model.base, encoders, adapter, &device)?;
+        let mut pipeline = Pipeline::from_parts(&config.model.base, encoders, adapter, &device)?;
+        pipeline.control = control;
         let size = config
             .samples
             .size
@@ -357,9 +372,11 @@ impl Run {
             let steps = self.pipeline.encoders.schedule.steps();
             let rnd = StepNoise::draw(&mut rng, &self.config.objective, steps, batch.len(), latent);
             let o = &self.config.objective;
+            let control = self.pipeline.control.as_ref();
             let losses = forward(
                 &self.pipeline.encoders,
                 &self.pipeline.adapter,
+                control.map(|c| (c, self.config.model.controlnet_scale)),
                 &batch,
                 &rnd,
                 o,
@@ -433,7 +450,7 @@ impl Run {
         let step = self.state.step;
         if let Some(v) = self.validation.as_ref().filter(|v| v.due(step)) {
             let p = &self.pipeline;
-            let loss = v.loss(&self.config, &p.encoders, &p.adapter, &self.device)?;
+            let loss = v.loss(&self.config, p, &self.device)?;
             self.records.scalars(step, &[("val/loss", loss)])?;
         }
         if let Some(s) = self.samples.as_ref().filter(|s| s.due(step)) {

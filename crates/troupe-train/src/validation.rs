@@ -8,7 +8,7 @@ use troupe_data::loader::{Batch, Loader};
 use troupe_data::rng::{KeyedRng, Purpose};
 use troupe_data::shard::find_shards;
 use troupe_diffusion::conditioning::Encoders;
-use troupe_models::adapter::Adapter;
+use troupe_diffusion::pipeline::Pipeline;
 
 use crate::config::TrainConfig;
 use crate::objective::{StepNoise, forward};
@@ -55,14 +55,13 @@ impl Validation {
         step.is_multiple_of(self.every_steps)
     }
 
-    /// Mean total loss over every batch × timestep.
-    pub fn loss(
-        &self,
-        config: &TrainConfig,
-        encoders: &Encoders,
-        adapter: &Adapter,
-        device: &Device,
-    ) -> Result<f64> {
+    /// Mean total loss over every batch × timestep, with the pipeline's ControlNet if any.
+    pub fn loss(&self, config: &TrainConfig, pipeline: &Pipeline, device: &Device) -> Result<f64> {
+        let (encoders, adapter) = (&pipeline.encoders, &pipeline.adapter);
+        let control = pipeline
+            .control
+            .as_ref()
+            .map(|c| (c, config.model.controlnet_scale));
         let mut sum = 0f64;
         let f = encoders.vae.downscale_factor();
         for (i, batch) in self.batches.iter().enumerate() {
@@ -75,7 +74,15 @@ impl Validation {
                 let mut rng = KeyedRng::new(self.seed, Purpose::Validation, i as u64, j as u64);
                 let ts = vec![t; batch.len()];
                 let rnd = StepNoise::at_timesteps(&mut rng, &config.objective, ts, latent, false);
-                let losses = forward(encoders, adapter, batch, &rnd, &config.objective, device)?;
+                let losses = forward(
+                    encoders,
+                    adapter,
+                    control,
+                    batch,
+                    &rnd,
+                    &config.objective,
+                    device,
+                )?;
                 let l: f32 = losses.total.into_scalar();
                 sum += l as f64;
             }
