@@ -12,10 +12,14 @@ configs/tiny-sdxl/
   tokenizer/ tokenizer_2/   the real CLIP BPE vocabulary (from open_clip), SDXL's two configs
   scheduler/       SDXL's DDPMScheduler config
   image_encoder/   CLIPVisionModelWithProjection, 32 px input, 8 px patches, hidden 24
+  controlnet/      ControlNetModel.from_unet(unet/) (a pose ControlNet in miniature), its zero
+                   convolutions given small random weights so the residuals are not zero;
+                   not in model_index.json (training and sampling name it by path)
 
 Weights are stored as float16 to keep the repository small; troupe upcasts them.
 
-Run: ~/.cache/troupe-pyref/bin/python scripts/make_tiny_models.py
+Run: ~/.cache/troupe-pyref/bin/python scripts/make_tiny_models.py [--controlnet-only]
+(`--controlnet-only` rebuilds controlnet/ from the committed unet/ and leaves the rest as is.)
 """
 import json
 import os
@@ -23,7 +27,7 @@ import shutil
 import sys
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
                           CLIPVisionModelWithProjection)
 
@@ -48,7 +52,23 @@ def save(model, sub):
     tidy_config(d)
 
 
+def make_controlnet(unet):
+    """A pose ControlNet for the tiny UNet, as diffusers' ControlNet training starts one."""
+    gen = torch.Generator().manual_seed(7)
+    cn = ControlNetModel.from_unet(unet.float(), conditioning_embedding_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():
+        zero = [cn.controlnet_cond_embedding.conv_out, cn.controlnet_mid_block, *cn.controlnet_down_blocks]
+        for conv in zero:
+            for p in conv.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    save(cn, "controlnet")
+
+
 def main():
+    if "--controlnet-only" in sys.argv:
+        make_controlnet(UNet2DConditionModel.from_pretrained(os.path.join(OUT, "unet")))
+        print(f"wrote {os.path.join(OUT, 'controlnet')}")
+        return
     torch.manual_seed(0)
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
@@ -106,6 +126,8 @@ def main():
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
+    # Last, so the global random stream of the components above is unchanged.
+    make_controlnet(UNet2DConditionModel.from_pretrained(os.path.join(OUT, "unet")))
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(OUT) for f in fs)
     print(f"wrote {OUT} ({total / 2**20:.1f} MiB)")
 

@@ -447,7 +447,10 @@ fn run_protocol(
         )
     })?;
     if let Some(dir) = &p.generation.controlnet {
-        let context = p.generation.controlnet_context.unwrap_or(ControlContext::Text);
+        let context = p
+            .generation
+            .controlnet_context
+            .unwrap_or(ControlContext::Text);
         pipeline = pipeline
             .with_control(dir, context)
             .with_context(|| format!("{}: loading the ControlNet {}", at(), dir.display()))?;

@@ -95,12 +95,11 @@ impl PoseControl {
         device: &Device,
     ) -> Result<Self, DiffusionError> {
         let (model, _) = ControlNetModel::from_dir(dir, device, Some(precision.dtype()))?;
+        // Frozen: no gradients for its weights (the adapter's still flow through it).
+        let model = model.no_grad();
         let path = dir.display().to_string();
         model.check_fits(unet, &path)?;
-        let width = unet
-            .processors()
-            .iter()
-            .find_map(|p| p.cross_attention_dim);
+        let width = unet.processors().iter().find_map(|p| p.cross_attention_dim);
         if model.cross_attention_dim() != width {
             return Err(DiffusionError::input(
                 &path,
@@ -124,7 +123,9 @@ impl PoseControl {
         let m = b.context.dims()[1];
         let (states, key_bias) = match self.context {
             ControlContext::ImageTokens => (
-                b.context.clone().narrow(1, b.text_tokens, m - b.text_tokens),
+                b.context
+                    .clone()
+                    .narrow(1, b.text_tokens, m - b.text_tokens),
                 b.ip_bias.cloned(),
             ),
             ControlContext::Text => (b.context.clone().narrow(1, 0, b.text_tokens), None),

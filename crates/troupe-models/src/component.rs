@@ -125,9 +125,18 @@ pub fn forward(
             let sample = input(inputs, "sample", [None, Some(channels), None, None], device)?;
             let [b, _, h, w] = sample.dims();
             let f = cn.conditioning_downscale();
-            let cond = [Some(b), Some(cn.conditioning_channels()), Some(h * f), Some(w * f)];
+            let cond = [
+                Some(b),
+                Some(cn.conditioning_channels()),
+                Some(h * f),
+                Some(w * f),
+            ];
             let scale = match optional::<1>(inputs, "conditioning_scale", [Some(1)], device)? {
-                Some(t) => t.into_data().convert::<f64>().as_slice::<f64>().expect("f64")[0],
+                Some(t) => t
+                    .into_data()
+                    .convert::<f64>()
+                    .as_slice::<f64>()
+                    .expect("f64")[0],
                 None => 1.0,
             };
             let cross = cn.cross_attention_dim();

@@ -300,7 +300,12 @@ impl UNet2DConditionConfig {
                 ),
             );
         }
-        check_block_types(path, "down_block_types", &self.down_block_types, DOWN_BLOCKS)?;
+        check_block_types(
+            path,
+            "down_block_types",
+            &self.down_block_types,
+            DOWN_BLOCKS,
+        )?;
         if let Some(m) = &self.mid_block_type
             && m != "UNetMidBlock2DCrossAttn"
         {
@@ -651,8 +656,13 @@ pub(crate) fn embed_time(
     let text = text_embeds.expect("SDXL UNet needs text_embeds");
     let ids = time_ids.expect("SDXL UNet needs time_ids");
     let k = ids.dims()[1];
-    let t = timestep_embedding(ids.reshape([b * k]), add_time_dim, flip_sin_to_cos, freq_shift)
-        .reshape([b, k * add_time_dim]); // [B, 6·256]
+    let t = timestep_embedding(
+        ids.reshape([b * k]),
+        add_time_dim,
+        flip_sin_to_cos,
+        freq_shift,
+    )
+    .reshape([b, k * add_time_dim]); // [B, 6·256]
     let add_in = Tensor::cat(vec![text.cast(dtype), t.cast(dtype)], 1);
     emb + add.forward(add_in)
 }
@@ -1093,7 +1103,11 @@ impl UNet2DConditionModel {
             None => (None, None),
         };
         if let Some(residuals) = down_residuals {
-            assert_eq!(residuals.len(), skips.len(), "one ControlNet residual per skip");
+            assert_eq!(
+                residuals.len(),
+                skips.len(),
+                "one ControlNet residual per skip"
+            );
             for (skip, r) in skips.iter_mut().zip(residuals) {
                 *skip = skip.clone() + r.cast(dtype);
             }

@@ -219,8 +219,9 @@ impl Run {
         let control = match &m.controlnet {
             Some(dir) => {
                 require_dir(dir, "model.controlnet")?;
-                let c = PoseControl::load(dir, &adapter.unet, m.dtype, m.controlnet_context, &device)
-                    .with_context(|| format!("loading the ControlNet from {}", dir.display()))?;
+                let c =
+                    PoseControl::load(dir, &adapter.unet, m.dtype, m.controlnet_context, &device)
+                        .with_context(|| format!("loading the ControlNet from {}", dir.display()))?;
                 Some(c)
             }
             None => None,

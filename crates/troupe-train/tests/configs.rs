@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use troupe_diffusion::control::ControlContext;
 use troupe_models::attention::AttentionKernel;
 use troupe_models::weights::Precision;
 use troupe_train::config::TrainConfig;
@@ -22,4 +23,7 @@ fn shipped_configs_parse() {
     assert_eq!(reference.model.dtype, Precision::Bf16);
     assert_eq!(reference.objective.attention, AttentionKernel::Efficient);
     assert_eq!(reference.data.repeat_by_characters, [1, 2, 5]);
+    let pose = load("tiny-pose.toml");
+    assert!(pose.model.controlnet.is_some());
+    assert_eq!(pose.model.controlnet_context, ControlContext::ImageTokens);
 }
