@@ -1,12 +1,15 @@
 //! The StoryMaker pipeline against the reference's own `pipeline_sdxl_storymaker.py` on the
 //! tiny SDXL (`configs/tiny-sdxl`) with a random non-trivial adapter: crops, conditioning,
 //! every sampler step's latents and the decoded image. Fixtures:
-//! `scripts/make_pipeline_fixtures.py` (tests/fixtures/pipeline/).
+//! `scripts/make_pipeline_fixtures.py` (tests/fixtures/pipeline/). With a pose ControlNet,
+//! against diffusers' `StableDiffusionXLControlNetPipeline` with the same processors:
+//! `scripts/make_controlnet_pipeline_fixtures.py`.
 
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use troupe_diffusion::pipeline::{Pipeline, Settings, to_rgb8};
+use troupe_diffusion::control::{ControlContext, read_pose};
+use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::{CropOps, Reference};
 use troupe_diffusion::samplers::SamplerKind;
 use troupe_models::adapter::{AdapterSpec, processor_count};
@@ -221,4 +224,97 @@ fn same_seed_same_png_and_safetensors_equals_mask_bin() {
         }
     }
     assert!(pngs.windows(2).all(|w| w[0] == w[1]), "images differ");
+}
+
+/// The pipeline-fixture settings of `controlnet.json` and the references of case `one`.
+fn pose_case() -> (Settings, Vec<Reference>) {
+    let meta = json("controlnet.json");
+    let a = &meta["args"];
+    let u = |k: &str| a[k].as_u64().unwrap() as usize;
+    let f = |k: &str| a[k].as_f64().unwrap();
+    let mut s = Settings::new(a["prompt"].as_str().unwrap(), u("width"), u("height"));
+    s.negative_prompt = a["negative_prompt"].as_str().map(str::to_string);
+    s.steps = u("num_inference_steps");
+    s.guidance = f("guidance_scale");
+    s.controlnet_scale = f("controlnet_conditioning_scale");
+    s.num_images = u("num_images_per_prompt");
+    (s.ip_scale, s.lora_scale) = (
+        meta["ip_adapter_scale"].as_f64().unwrap(),
+        meta["lora_scale"].as_f64().unwrap(),
+    );
+    (s, references(&json("cases.json")["cases"]["one"]))
+}
+
+#[test]
+fn a_pose_controlnet_matches_diffusers_controlnet_pipeline() {
+    let pipeline = load(&adapter_file())
+        .with_control(
+            &root().join("configs/tiny-sdxl/controlnet"),
+            ControlContext::Text,
+        )
+        .unwrap();
+    let (settings, refs) = pose_case();
+    let characters = pipeline.characters(&refs).unwrap();
+    // The 160×128 pose is resized to 80×64 as diffusers' control image processor does.
+    let pose = read_pose(
+        &fixtures().join("pose.png"),
+        settings.width,
+        settings.height,
+    )
+    .unwrap();
+    let mut out = StateDict::from_file(fixtures().join("controlnet.safetensors")).unwrap();
+    let device = Device::flex();
+    let request = Request {
+        settings: &settings,
+        characters: &characters,
+        latents: Some(out.take_any::<4>("pose.latents", &device).unwrap()),
+        pose: Some(&pose),
+    };
+    let mut steps = Vec::new();
+    let images = pipeline
+        .generate_batch(vec![request], &mut |_, x| steps.push(values(x.clone())))
+        .unwrap();
+    assert_eq!(steps.len(), settings.steps);
+    for (i, got) in steps.iter().enumerate() {
+        let want = values(
+            out.take_any::<4>(&format!("pose.step{i:02}"), &device)
+                .unwrap(),
+        );
+        let d = max_diff(got, &want, &format!("pose step {i}"));
+        assert!(d <= 1e-4, "step {i}: latents differ by {d}");
+    }
+    let got = values(images[0].clone().permute([0, 2, 3, 1]));
+    let want = values(out.take_any::<4>("pose.image", &device).unwrap());
+    let d = max_diff(&got, &want, "pose image");
+    assert!(d <= 1e-3, "images differ by {d}");
+}
+
+#[test]
+fn a_pose_needs_a_controlnet_and_the_image_shape() {
+    let pipeline = load(&adapter_file());
+    let (settings, refs) = pose_case();
+    let characters = pipeline.characters(&refs).unwrap();
+    let pose = read_pose(
+        &fixtures().join("pose.png"),
+        settings.width,
+        settings.height,
+    )
+    .unwrap();
+    let request = Request {
+        settings: &settings,
+        characters: &characters,
+        latents: None,
+        pose: Some(&pose),
+    };
+    let err = pipeline
+        .generate_batch(vec![request], &mut |_, _| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--controlnet"), "{err}");
+    // A pose of another shape than the image (here: transposed) is refused, naming the file.
+    let err = read_pose(&fixtures().join("pose.png"), 64, 80)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("pose.png") && err.contains("160x128"), "{err}");
 }
