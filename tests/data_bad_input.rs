@@ -446,3 +446,58 @@ fn pack_refuses_duplicate_ids_and_malformed_identities_by_field() {
         "{e:?}"
     );
 }
+
+#[test]
+fn poses_of_another_shape_or_missing_when_required_are_refused_by_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let pose = |w, h| {
+        Some(EncodedImage {
+            bytes: encode_png_rgb(&image(w, h, 5)),
+            path: None,
+        })
+    };
+    let mut rows: Vec<Sample> = (0..4).map(good_sample).collect();
+    rows[1].pose = pose(194, 166); // twice the image's size: resized, fine
+    rows[2].pose = pose(83, 97); // transposed
+    rows[3].pose = Some(EncodedImage {
+        bytes: b"not a pose".to_vec(),
+        path: None,
+    });
+    let path = write_raw(dir.path(), rows);
+    let errors = check(&path);
+    assert_names(
+        &errors,
+        &path,
+        2,
+        "pose",
+        "pose is 83x97, the image is 97x83",
+    );
+    assert_names(&errors, &path, 3, "pose", "not a recognised image");
+    assert!(errors.iter().all(|e| e.at.row != Some(1)), "{errors:?}");
+
+    // The loader refuses the same rows, and with `require_pose` a row without one.
+    let load = |rows: Vec<Sample>, require_pose| {
+        let d = tempfile::tempdir().unwrap();
+        let path = write_raw(d.path(), rows);
+        let mut config = LoaderConfig {
+            batch_size: 1,
+            workers: 1,
+            ..LoaderConfig::default()
+        };
+        config.recipe.require_pose = require_pose;
+        let mut loader = Loader::new(std::slice::from_ref(&path), config).unwrap();
+        (0..2).map(|_| loader.next_batch()).find_map(Result::err)
+    };
+    let mut transposed = good_sample(0);
+    transposed.pose = pose(83, 97);
+    let err = load(vec![transposed], false).expect("refused");
+    assert_eq!(err.at.field.as_deref(), Some("pose"), "{err}");
+    let err = load(vec![good_sample(0)], true).expect("refused");
+    assert!(
+        err.at.field.as_deref() == Some("pose") && err.message.contains("require_pose"),
+        "{err}"
+    );
+    let mut resized = good_sample(0);
+    resized.pose = pose(194, 166);
+    assert!(load(vec![resized], true).is_none());
+}

@@ -31,9 +31,12 @@ pub enum DebugCommand {
     /// Run one forward pass of a component on named tensors and write the named outputs, to
     /// compare weights with diffusers/transformers. Tensor names per component: see
     /// `crates/troupe-models/src/component.rs` (e.g. `unet`: sample, timestep,
-    /// encoder_hidden_states[, text_embeds, time_ids] → out).
+    /// encoder_hidden_states[, text_embeds, time_ids] → out; `controlnet`: the same plus
+    /// controlnet_cond[, conditioning_scale] → down_block_res_samples.{i},
+    /// mid_block_res_sample).
     Forward {
-        /// unet, text-encoder, text-encoder-2, image-encoder, vae-encoder, vae-decoder or ppr.
+        /// unet, controlnet, text-encoder, text-encoder-2, image-encoder, vae-encoder,
+        /// vae-decoder or ppr.
         #[arg(long)]
         component: String,
         /// Component folder (diffusers/transformers layout); for `ppr`, the adapter file.

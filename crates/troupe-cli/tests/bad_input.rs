@@ -573,6 +573,29 @@ const CASES: &[Case] = &[
         ],
         names: &["absent.toml"],
     },
+    // A pose ControlNet that cannot condition this UNet, or is not there; rows without a pose
+    // when poses are required.
+    Case {
+        args: train_with!(
+            "model.controlnet=\"crates/troupe-models/tests/fixtures/controlnet/sd15_bgr\""
+        ),
+        names: &["sd15_bgr", "residual channels"],
+    },
+    Case {
+        args: train_with!("model.controlnet=\"{tmp}/absent\""),
+        names: &["model.controlnet", "absent"],
+    },
+    Case {
+        args: train_with!(
+            "model.controlnet=\"configs/tiny-sdxl/controlnet\"",
+            "data.require_pose=true"
+        ),
+        names: &["pose", "require_pose"],
+    },
+    Case {
+        args: train_with!("model.controlnet_context=\"both\""),
+        names: &["controlnet_context", "both"],
+    },
     // Debug commands on inputs of the wrong shape.
     Case {
         args: &[
@@ -603,6 +626,21 @@ const CASES: &[Case] = &[
             "{tmp}/o.safetensors",
         ],
         names: &["encoder_hidden_states", "expected"],
+    },
+    Case {
+        args: &[
+            "debug",
+            "forward",
+            "--component",
+            "controlnet",
+            "--model",
+            "crates/troupe-models/tests/fixtures/controlnet/sdxl_tiny",
+            "--inputs",
+            "{tmp}/wrong_channels.safetensors",
+            "--output",
+            "{tmp}/o.safetensors",
+        ],
+        names: &["sample", "expected"],
     },
 ];
 

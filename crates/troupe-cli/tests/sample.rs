@@ -270,3 +270,103 @@ fn a_plain_photo_reference_gets_its_identity_from_face_analysis() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("--face-detector"));
 }
+
+#[test]
+fn a_pose_through_a_controlnet_batches_with_jobs_without_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = adapter(tmp.path());
+    let pose = refs().join("pose.png"); // 160×128: resized to 80×64
+    let one = reference(0, &[]);
+    let jobs = tmp.path().join("jobs.jsonl");
+    let lines = [
+        serde_json::json!({"prompt": "a person", "references": [one], "seed": 1, "name": "posed",
+                           "pose": pose, "controlnet_scale": 0.8}),
+        serde_json::json!({"prompt": "a person", "references": [one], "seed": 1, "name": "free",
+                           "controlnet_scale": 0.8}),
+    ];
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&jobs, text.join("\n")).unwrap();
+    let cn = "configs/tiny-sdxl/controlnet";
+    let run = |batch: &str, out: &Path| {
+        let extra = [
+            "--jobs",
+            jobs.to_str().unwrap(),
+            "--batch-size",
+            batch,
+            "--controlnet",
+            cn,
+            "--width",
+            "80",
+            "--height",
+            "64",
+        ];
+        let a = [
+            "sample",
+            "--model",
+            "configs/tiny-sdxl",
+            "--image-encoder",
+            "configs/tiny-sdxl/image_encoder",
+            "--steps",
+            "3",
+            "--adapter",
+            a.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = troupe(&[&a[..], &extra[..]].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (batched, single) = (tmp.path().join("batched"), tmp.path().join("single"));
+    run("4", &batched);
+    run("1", &single);
+    let read = |d: &Path, f: &str| std::fs::read(d.join(f)).unwrap();
+    for f in ["posed-00.png", "free-00.png"] {
+        assert!(
+            read(&batched, f) == read(&single, f),
+            "{f}: batched differs"
+        );
+    }
+    // Same seed and prompt: only the pose differs.
+    assert!(read(&batched, "posed-00.png") != read(&batched, "free-00.png"));
+    let side: serde_json::Value = serde_json::from_slice(&read(&batched, "posed-00.json")).unwrap();
+    assert!(side["pose"].as_str().unwrap().ends_with("pose.png"));
+    assert_eq!(side["controlnet_scale"], 0.8);
+    assert_eq!(side["controlnet_context"], "text");
+    let side: serde_json::Value = serde_json::from_slice(&read(&batched, "free-00.json")).unwrap();
+    assert!(side["pose"].is_null());
+
+    // Refused before any denoising, nothing left in --out.
+    let good = reference(0, &[]);
+    let missing = tmp.path().join("missing.png");
+    let other = root().join("crates/troupe-models/tests/fixtures/controlnet/sd15_bgr");
+    let refused = |extra: &[&str], want: &str| {
+        let out = tmp.path().join("out");
+        let o = sample(&a, &out, &[&["--reference", &good][..], extra].concat());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{extra:?} was accepted");
+        assert!(
+            stderr.contains(want),
+            "{extra:?}: expected `{want}` in: {stderr}"
+        );
+        assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+    };
+    let pose = pose.to_str().unwrap();
+    refused(
+        &["--controlnet", cn, "--pose", missing.to_str().unwrap()],
+        "missing.png",
+    );
+    // 160×128 for a 64×64 image.
+    refused(&["--controlnet", cn, "--pose", pose], "not the same shape");
+    refused(&["--pose", pose], "--controlnet");
+    refused(
+        &[
+            "--controlnet",
+            other.to_str().unwrap(),
+            "--pose",
+            pose,
+            "--width",
+            "80",
+        ],
+        "sd15_bgr",
+    );
+}
