@@ -13,8 +13,14 @@ metrics (compute only: waiting for the data loader is excluded), median over the
 Configs: `tiny` = configs/tiny.toml as is (64 px images, 8×8 latents); `mid` = the same
 pipeline with a UNet of 64/128/128 channels and 64-wide heads at 128 px (16×16 latents).
 
+`--controlnet` times each config twice more, with a frozen pose ControlNet of the UNet's layout
+(tiny: configs/tiny-sdxl/controlnet; mid: `ControlNetModel.from_unet` of the mid UNet) fed a
+pose at the image's size and, as StoryMaker's training script does, the PPR image tokens; its
+residuals go into the UNet. troupe trains on a synthetic dataset where every row has a pose
+(`troupe data synth --pose-fraction 1`), so the ControlNet runs on every sample in both.
+
 Run (after `cargo build --release -p troupe-cli`):
-    ~/.cache/troupe-pyref/bin/python scripts/bench_train.py [--threads 2] [--steps 12]
+    ~/.cache/troupe-pyref/bin/python scripts/bench_train.py [--threads 2] [--steps 12] [--controlnet]
 """
 import argparse
 import json
@@ -34,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import make_ppr_fixtures as P  # noqa: E402
 from make_unet_fixtures import LoRAAttnProcessor, LoRAIPAttnProcessor  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: E402
 
 B, C, N_CHARS, RANK = 2, 3, 2, 8  # batch, character slots, characters per image, LoRA rank
@@ -58,15 +64,18 @@ def storymaker_loss(pred, noise, masks, attn_layers, n_chars, tokens_per_slot=20
     return loss + 0.1 * attn / max(len(attn_layers), 1)
 
 
-def torch_step_time(base, res, steps, warmup):
+def torch_step_time(base, res, steps, warmup, controlnet=False):
     dev = "cpu"
     unet = UNet2DConditionModel.from_pretrained(os.path.join(base, "unet"), torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(os.path.join(base, "vae"), torch_dtype=torch.float32)
     te1 = CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), torch_dtype=torch.float32)
     te2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(base, "text_encoder_2"), torch_dtype=torch.float32)
     enc = CLIPVisionModelWithProjection.from_pretrained(os.path.join(base, "image_encoder"), torch_dtype=torch.float32)
-    for m in (unet, vae, te1, te2, enc):
-        m.requires_grad_(False)
+    cn = ControlNetModel.from_pretrained(os.path.join(base, "controlnet"), torch_dtype=torch.float32) \
+        if controlnet else None
+    for m in (unet, vae, te1, te2, enc, cn):
+        if m is not None:
+            m.requires_grad_(False)
     cfg = unet.config
     procs, mods = {}, []
     for name in unet.attn_processors.keys():
@@ -97,6 +106,7 @@ def torch_step_time(base, res, steps, warmup):
         faces = torch.randn(B * C, 3, s, s)
         idv = torch.randn(B, C, 512)
         masks = torch.rand(B, C, lat, lat)
+        pose = torch.rand(B, 3, res, res)
         t0 = time.perf_counter()
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
@@ -110,14 +120,21 @@ def torch_step_time(base, res, steps, warmup):
         for b in range(B):
             sl = slice(b * C, b * C + N_CHARS)
             toks.append(ppr(idv[b, :N_CHARS], cc[sl], fc[sl]).reshape(1, -1, cfg.cross_attention_dim))
-        ehs = torch.cat([text, torch.cat(toks)], 1)
+        ip = torch.cat(toks)
+        ehs = torch.cat([text, ip], 1)
         noise = torch.randn_like(latents) + 0.05 * torch.randn(B, latents.shape[1], 1, 1)
         t = torch.randint(0, 1000, (B,))
         ac = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
         ac = torch.cumprod(1 - ac, 0)[t].view(B, 1, 1, 1)
         noisy = ac.sqrt() * latents + (1 - ac).sqrt() * noise
         time_ids = torch.tensor([[res, res, 0, 0, res, res]] * B, dtype=torch.float32)
-        pred = unet(noisy, t, ehs, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        residuals = {}
+        if cn is not None:  # train_storymaker.py: the image tokens are the ControlNet's context
+            down, mid = cn(noisy, t, encoder_hidden_states=ip, controlnet_cond=pose, added_cond_kwargs=added,
+                           return_dict=False)
+            residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        pred = unet(noisy, t, ehs, added_cond_kwargs=added, **residuals).sample
         loss = storymaker_loss(pred, noise, masks, attn_layers, N_CHARS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,12 +145,16 @@ def torch_step_time(base, res, steps, warmup):
     return statistics.median(times)
 
 
-def troupe_step_time(exe, base, res, steps, warmup, threads, tmp):
-    run = os.path.join(tmp, f"run-{res}")
+def troupe_step_time(exe, base, res, steps, warmup, threads, tmp, posed=None):
+    """`posed`: a dataset where every row has a pose; trains with `base`/controlnet on it."""
+    run = os.path.join(tmp, f"run-{res}-{'pose' if posed else 'plain'}")
     cmd = [exe, "train", "--config", os.path.join(ROOT, "configs/tiny.toml"), "--set", f"run.dir={run}",
            "--set", f"model.base={base}", "--set", f"model.image_encoder={base}/image_encoder",
            "--set", f"data.resolution={res}", "--set", f"train.max_steps={warmup + steps}",
            "--set", "data.workers=1", "--set", f"checkpoint.every_steps={warmup + steps}"]
+    if posed:
+        cmd += ["--set", f'model.controlnet="{base}/controlnet"', "--set", f'data.shards=["{posed}"]',
+                "--set", "data.require_pose=true"]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, RAYON_NUM_THREADS=str(threads)))
     lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
     return statistics.median(l["step_s"] for l in lines[warmup:])
@@ -152,6 +173,9 @@ def write_mid_sdxl(tiny, dst):
         use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8, norm_num_groups=32,
     ).save_pretrained(os.path.join(dst, "unet"))
+    shutil.rmtree(os.path.join(dst, "controlnet"))
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(dst, "unet"))
+    ControlNetModel.from_unet(unet).save_pretrained(os.path.join(dst, "controlnet"))
     return dst
 
 
@@ -160,6 +184,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--controlnet", action="store_true", help="also time the step with a pose ControlNet")
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     ap.add_argument("--troupe", default=os.path.join(target, "release", "troupe"))
     a = ap.parse_args()
@@ -168,11 +193,21 @@ def main():
     tiny = os.path.join(ROOT, "configs/tiny-sdxl")
     with tempfile.TemporaryDirectory() as tmp:
         mid = write_mid_sdxl(tiny, os.path.join(tmp, "mid-sdxl"))
+        posed = None
+        if a.controlnet:
+            posed = os.path.join(tmp, "posed")
+            subprocess.run([a.troupe, "data", "synth", "--out", posed, "--pose-fraction", "1"], cwd=ROOT,
+                           check=True, capture_output=True)
         for name, base, res in [("tiny", tiny, 64), ("mid", mid, 128)]:
-            pt = torch_step_time(base, res, a.steps, a.warmup)
-            tr = troupe_step_time(a.troupe, base, res, a.steps, a.warmup, a.threads, tmp)
-            print(f"{name}: batch {B}, {res}px, {a.threads} threads: troupe {tr*1000:.1f} ms/step, "
-                  f"PyTorch {pt*1000:.1f} ms/step, ratio {tr/pt:.2f}")
+            plain = None
+            for cn in [False, True] if a.controlnet else [False]:
+                pt = torch_step_time(base, res, a.steps, a.warmup, cn)
+                tr = troupe_step_time(a.troupe, base, res, a.steps, a.warmup, a.threads, tmp, posed if cn else None)
+                label = f"{name}{' + ControlNet' if cn else ''}"
+                extra = f"; ControlNet cost: troupe {tr/plain[0]:.2f}x, PyTorch {pt/plain[1]:.2f}x" if cn else ""
+                print(f"{label}: batch {B}, {res}px, {a.threads} threads: troupe {tr*1000:.1f} ms/step, "
+                      f"PyTorch {pt*1000:.1f} ms/step, ratio {tr/pt:.2f}{extra}", flush=True)
+                plain = (tr, pt)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ pub enum DataCommand {
         /// Rows per row group.
         #[arg(long, default_value_t = 64)]
         rows_per_row_group: usize,
+        /// Share of rows with a pose image, 0 to 1.
+        #[arg(long, default_value_t = troupe_data::synth::SynthOptions::default().pose_fraction)]
+        pose_fraction: f64,
     },
     /// Stream batches through the training loader and print what each holds.
     Preview {
@@ -276,7 +279,11 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             seed,
             rows_per_shard,
             rows_per_row_group,
+            pose_fraction,
         } => {
+            if !(0.0..=1.0).contains(&pose_fraction) {
+                bail!("--pose-fraction must be between 0 and 1");
+            }
             if min_side == 0 || min_side > max_side {
                 bail!("--min-side must be at least 1 and at most --max-side");
             }
@@ -290,6 +297,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 min_side,
                 max_side,
                 seed,
+                pose_fraction,
                 ..Default::default()
             };
             let writer = ShardWriterOptions {
