@@ -153,8 +153,7 @@ def troupe_step_time(exe, base, res, steps, warmup, threads, tmp, posed=None):
            "--set", f"data.resolution={res}", "--set", f"train.max_steps={warmup + steps}",
            "--set", "data.workers=1", "--set", f"checkpoint.every_steps={warmup + steps}"]
     if posed:
-        cmd += ["--set", f'model.controlnet="{base}/controlnet"', "--set", f'data.shards=["{posed}"]',
-                "--set", "data.require_pose=true"]
+        cmd += ["--set", f'model.controlnet="{base}/controlnet"', "--set", f'data.shards=["{posed}"]']
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, RAYON_NUM_THREADS=str(threads)))
     lines = [json.loads(l) for l in open(os.path.join(run, "metrics.jsonl"))]
     return statistics.median(l["step_s"] for l in lines[warmup:])
