@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{DecodeLimits, decode_gray, decode_rgb, same_aspect};
+use crate::image_io::{DecodeLimits, check_pose_shape, decode_gray, decode_rgb};
 use crate::pack::OnProgress;
 use crate::schema::{self, Sample, col};
 use crate::shard::ShardReader;
@@ -76,18 +76,13 @@ pub fn check_sample(sample: &Sample, at: &Location, limits: DecodeLimits) -> Vec
         let field = at.field(col::POSE);
         match decode_rgb(&pose.bytes, &field, limits) {
             Err(e) => errors.push(e),
-            Ok(p) if size.is_some_and(|s| !same_aspect(p.dimensions(), s)) => {
-                let (w, h) = size.expect("checked");
-                errors.push(DataError::new(
-                    field,
-                    format!(
-                        "pose is {}x{}, the image is {w}x{h}: not the same shape (another image's pose?)",
-                        p.width(),
-                        p.height()
-                    ),
-                ));
+            Ok(p) => {
+                if let Some(e) =
+                    size.and_then(|s| check_pose_shape(p.dimensions(), s, &field).err())
+                {
+                    errors.push(e);
+                }
             }
-            Ok(_) => {}
         }
     }
     errors

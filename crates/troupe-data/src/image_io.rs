@@ -141,6 +141,21 @@ pub fn same_aspect((aw, ah): (u32, u32), (bw, bh): (u32, u32)) -> bool {
     (ah * bw / aw - bh).abs() <= 1.0 || (aw * bh / ah - bw).abs() <= 1.0
 }
 
+/// A pose image may be resized to its image only if it has the image's shape
+/// ([`same_aspect`]); otherwise (transposed, cropped, another image's) it is refused at `at`.
+pub fn check_pose_shape(pose: (u32, u32), image: (u32, u32), at: &Location) -> Result<()> {
+    if same_aspect(pose, image) {
+        return Ok(());
+    }
+    Err(DataError::new(
+        at.clone(),
+        format!(
+            "pose is {}x{}, the image is {}x{}: not the same shape (another image's pose?)",
+            pose.0, pose.1, image.0, image.1
+        ),
+    ))
+}
+
 /// Decodes to 8-bit RGB (alpha dropped, gray expanded).
 pub fn decode_rgb(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<RgbImage> {
     Ok(match decode(bytes, at, limits)? {

@@ -13,7 +13,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{DecodeLimits, decode_gray, decode_rgb, same_aspect};
+use crate::image_io::{DecodeLimits, check_pose_shape, decode_gray, decode_rgb};
 use crate::ops::{self, Filter};
 use crate::plan::Target;
 use crate::rng::KeyedRng;
@@ -259,18 +259,7 @@ pub fn process(
         None => None,
         Some(p) => {
             let pose = decode_rgb(&p.bytes, &at.field(col::POSE), limits)?;
-            if !same_aspect(pose.dimensions(), image.dimensions()) {
-                return Err(DataError::new(
-                    at.field(col::POSE),
-                    format!(
-                        "pose is {}x{}, the image is {}x{}: not the same shape (another image's pose?)",
-                        pose.width(),
-                        pose.height(),
-                        image.width(),
-                        image.height()
-                    ),
-                ));
-            }
+            check_pose_shape(pose.dimensions(), image.dimensions(), &at.field(col::POSE))?;
             // A pose of another size is resized with the image, as the reference's
             // `pose.resize((gt_w, gt_h))` (Pillow's default, bicubic): the same relative
             // region (the bucket's crop), then the target size.

@@ -12,7 +12,7 @@ use std::path::Path;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 use troupe_data::error::Location;
-use troupe_data::image_io::{DecodeLimits, decode_rgb, same_aspect};
+use troupe_data::image_io::{DecodeLimits, check_pose_shape, decode_rgb};
 use troupe_data::ops::{Filter, resize_rgb_cached, to_unit};
 use troupe_models::controlnet::{ControlNetInput, ControlNetModel};
 use troupe_models::unet::{ControlResiduals, UNet2DConditionModel};
@@ -169,17 +169,8 @@ pub fn read_pose(path: &Path, width: usize, height: usize) -> Result<Vec<f32>, D
     let img = decode_rgb(&bytes, &Location::file(path), DecodeLimits::default())
         .map_err(|e| DiffusionError::input(&shown, "pose", e.to_string()))?;
     let (w, h) = (width as u32, height as u32);
-    if !same_aspect(img.dimensions(), (w, h)) {
-        return Err(DiffusionError::input(
-            &shown,
-            "pose",
-            format!(
-                "is {}x{}, the image is {w}x{h}: not the same shape",
-                img.width(),
-                img.height()
-            ),
-        ));
-    }
+    check_pose_shape(img.dimensions(), (w, h), &Location::file(path))
+        .map_err(|e| DiffusionError::input(&shown, "pose", e.message))?;
     let img = if img.dimensions() == (w, h) {
         img
     } else {

@@ -492,6 +492,27 @@ reference = "shards/s.parquet#row-1:0"
             "name = \"t\"\n[conventions]\nnegative_face_sim = \"abs\"\n{SUBJECTS}{prompt}"
         ));
         assert!(e.contains("negative_face_sim"), "{e}");
+        let e = err(&format!(
+            "name = \"t\"\n{SUBJECTS}[[prompts]]\ntext = \"a {{}} dancing\"\npose = \"pose.png\"\n"
+        ));
+        assert!(
+            e.contains("prompts[0].pose") && e.contains("generation.controlnet"),
+            "{e}"
+        );
+        // With a ControlNet, the pose is found next to the protocol.
+        let ok = format!(
+            "name = \"t\"\n[generation]\ncontrolnet = \"cn\"\ncontrolnet_context = \"image_tokens\"\n\
+             {SUBJECTS}[[prompts]]\ntext = \"a {{}} dancing\"\npose = \"pose.png\"\n"
+        );
+        let p = Protocol::load(&write(tmp.path(), "posed.toml", &ok), None).unwrap();
+        assert_eq!(
+            p.prompts[0].pose.as_deref(),
+            Some(tmp.path().join("pose.png").as_path())
+        );
+        assert_eq!(
+            p.generation.controlnet.as_deref(),
+            Some(tmp.path().join("cn").as_path())
+        );
         // Subjects from a separate file, resolved against that file's folder.
         let sub = tmp.path().join("people");
         std::fs::create_dir_all(&sub).unwrap();
