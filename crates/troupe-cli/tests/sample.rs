@@ -31,7 +31,17 @@ fn reference(k: usize, over: &[(&str, &Path)]) -> String {
         .join(",")
 }
 
+/// `troupe sample` on the tiny SDXL, 3 steps, prompt "a person", then `extra`.
 fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
+    sample_without_prompt(
+        adapter,
+        out,
+        &[&["--prompt", "a person"][..], extra].concat(),
+    )
+}
+
+/// [`sample`] without a prompt (for `--jobs`).
+fn sample_without_prompt(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
     let base = [
         "sample",
         "--model",
@@ -40,8 +50,6 @@ fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
         "configs/tiny-sdxl/image_encoder",
         "--steps",
         "3",
-        "--prompt",
-        "a person",
     ];
     let a = [
         &base[..],
@@ -165,24 +173,8 @@ fn jobs_batched_equal_jobs_one_at_a_time() {
     let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     std::fs::write(&jobs, text.join("\n")).unwrap();
     let run = |batch: &str, out: &Path| {
-        let a = [
-            "sample",
-            "--model",
-            "configs/tiny-sdxl",
-            "--image-encoder",
-            "configs/tiny-sdxl/image_encoder",
-            "--steps",
-            "3",
-            "--adapter",
-            a.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--jobs",
-            jobs.to_str().unwrap(),
-            "--batch-size",
-            batch,
-        ];
-        let o = troupe(&a);
+        let jobs = jobs.to_str().unwrap();
+        let o = sample_without_prompt(&a, out, &["--jobs", jobs, "--batch-size", batch]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let (batched, single) = (tmp.path().join("batched"), tmp.path().join("single"));
@@ -210,19 +202,7 @@ fn a_jobs_line_with_an_unknown_key_names_the_line() {
         serde_json::json!({"prompt": "a person", "references": [reference(0, &[])], "stpes": 3});
     std::fs::write(&jobs, format!("{good}\n\n{typo}\n")).unwrap();
     let out = tmp.path().join("out");
-    let o = troupe(&[
-        "sample",
-        "--model",
-        "configs/tiny-sdxl",
-        "--image-encoder",
-        "configs/tiny-sdxl/image_encoder",
-        "--adapter",
-        a.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--jobs",
-        jobs.to_str().unwrap(),
-    ]);
+    let o = sample_without_prompt(&a, &out, &["--jobs", jobs.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(
@@ -300,20 +280,7 @@ fn a_pose_through_a_controlnet_batches_with_jobs_without_one() {
             "--height",
             "64",
         ];
-        let a = [
-            "sample",
-            "--model",
-            "configs/tiny-sdxl",
-            "--image-encoder",
-            "configs/tiny-sdxl/image_encoder",
-            "--steps",
-            "3",
-            "--adapter",
-            a.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        let o = troupe(&[&a[..], &extra[..]].concat());
+        let o = sample_without_prompt(&a, out, &extra);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     let (batched, single) = (tmp.path().join("batched"), tmp.path().join("single"));

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
+use troupe_diffusion::conditioning::CharacterFeatures;
 use troupe_diffusion::control::{ControlContext, read_pose};
 use troupe_diffusion::pipeline::{Pipeline, Request, Settings, to_rgb8};
 use troupe_diffusion::reference::{CropOps, Reference};
@@ -226,8 +227,9 @@ fn same_seed_same_png_and_safetensors_equals_mask_bin() {
     assert!(pngs.windows(2).all(|w| w[0] == w[1]), "images differ");
 }
 
-/// The pipeline-fixture settings of `controlnet.json` and the references of case `one`.
-fn pose_case() -> (Settings, Vec<Reference>) {
+/// The settings of `controlnet.json`, the characters of case `one` and the pose (160×128,
+/// resized to 80×64 as diffusers' control image processor does).
+fn pose_case(pipeline: &Pipeline) -> (Settings, CharacterFeatures, Vec<f32>) {
     let meta = json("controlnet.json");
     let a = &meta["args"];
     let u = |k: &str| a[k].as_u64().unwrap() as usize;
@@ -242,7 +244,10 @@ fn pose_case() -> (Settings, Vec<Reference>) {
         meta["ip_adapter_scale"].as_f64().unwrap(),
         meta["lora_scale"].as_f64().unwrap(),
     );
-    (s, references(&json("cases.json")["cases"]["one"]))
+    let refs = references(&json("cases.json")["cases"]["one"]);
+    let characters = pipeline.characters(&refs).unwrap();
+    let pose = read_pose(&fixtures().join("pose.png"), s.width, s.height).unwrap();
+    (s, characters, pose)
 }
 
 #[test]
@@ -253,15 +258,7 @@ fn a_pose_controlnet_matches_diffusers_controlnet_pipeline() {
             ControlContext::Text,
         )
         .unwrap();
-    let (settings, refs) = pose_case();
-    let characters = pipeline.characters(&refs).unwrap();
-    // The 160×128 pose is resized to 80×64 as diffusers' control image processor does.
-    let pose = read_pose(
-        &fixtures().join("pose.png"),
-        settings.width,
-        settings.height,
-    )
-    .unwrap();
+    let (settings, characters, pose) = pose_case(&pipeline);
     let mut out = StateDict::from_file(fixtures().join("controlnet.safetensors")).unwrap();
     let device = Device::flex();
     let request = Request {
@@ -292,14 +289,7 @@ fn a_pose_controlnet_matches_diffusers_controlnet_pipeline() {
 #[test]
 fn a_pose_needs_a_controlnet_and_the_image_shape() {
     let pipeline = load(&adapter_file());
-    let (settings, refs) = pose_case();
-    let characters = pipeline.characters(&refs).unwrap();
-    let pose = read_pose(
-        &fixtures().join("pose.png"),
-        settings.width,
-        settings.height,
-    )
-    .unwrap();
+    let (settings, characters, pose) = pose_case(&pipeline);
     let request = Request {
         settings: &settings,
         characters: &characters,

@@ -20,7 +20,7 @@ use crate::error::{ConfigError, ModelError, read_json_config};
 use crate::resnet::conv2d;
 use crate::unet::{
     Builder, ControlResiduals, DownBlock, MidBlock, Sinusoid, TimestepEmbedding,
-    UNet2DConditionConfig, UNet2DConditionModel, embed_time,
+    UNet2DConditionConfig, UNet2DConditionModel, embed_time, load_down_path,
 };
 use crate::weights::{LoadReport, StateDict, join};
 
@@ -252,16 +252,16 @@ impl ControlNetModel {
     /// Loads every ControlNet key under `prefix`, recording problems in `sd`.
     pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
         let p = |name: &str| join(prefix, name);
-        sd.conv2d(&mut self.conv_in, &p("conv_in"));
-        self.time_embedding.load(sd, &p("time_embedding"));
-        if let Some(a) = self.add_embedding.as_mut() {
-            a.load(sd, &p("add_embedding"));
-        }
+        let stem = (&mut self.conv_in, &mut self.time_embedding);
+        load_down_path(
+            sd,
+            prefix,
+            stem,
+            &mut self.add_embedding,
+            &mut self.down_blocks,
+        );
         self.controlnet_cond_embedding
             .load(sd, &p("controlnet_cond_embedding"));
-        for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            block.load(sd, &p(&format!("down_blocks.{i}")));
-        }
         for (i, conv) in self.controlnet_down_blocks.iter_mut().enumerate() {
             sd.conv2d(conv, &p(&format!("controlnet_down_blocks.{i}")));
         }
@@ -336,15 +336,16 @@ impl ControlNetModel {
         } = input;
         let dtype = self.conv_in.weight.val().dtype();
         let context = encoder_hidden_states.cast(dtype);
+        let sinusoid = Sinusoid {
+            time_dim: self.time_proj_dim,
+            add_time_dim: self.add_time_proj_dim,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        };
         let emb = embed_time(
             &self.time_embedding,
             self.add_embedding.as_ref(),
-            Sinusoid {
-                time_dim: self.time_proj_dim,
-                add_time_dim: self.add_time_proj_dim,
-                flip_sin_to_cos: self.flip_sin_to_cos,
-                freq_shift: self.freq_shift,
-            },
+            sinusoid,
             timestep,
             text_embeds,
             time_ids,

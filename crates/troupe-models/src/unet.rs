@@ -930,14 +930,14 @@ impl UNet2DConditionModel {
     /// Loads every UNet key under `prefix`, recording problems in `sd`.
     pub fn load(&mut self, sd: &mut StateDict, prefix: &str) {
         let p = |name: &str| join(prefix, name);
-        sd.conv2d(&mut self.conv_in, &p("conv_in"));
-        self.time_embedding.load(sd, &p("time_embedding"));
-        if let Some(a) = self.add_embedding.as_mut() {
-            a.load(sd, &p("add_embedding"));
-        }
-        for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            block.load(sd, &p(&format!("down_blocks.{i}")));
-        }
+        let stem = (&mut self.conv_in, &mut self.time_embedding);
+        load_down_path(
+            sd,
+            prefix,
+            stem,
+            &mut self.add_embedding,
+            &mut self.down_blocks,
+        );
         for (i, block) in self.up_blocks.iter_mut().enumerate() {
             let bp = p(&format!("up_blocks.{i}"));
             load_resnets_attentions(&mut block.resnets, &mut block.attentions, sd, &bp);
@@ -1139,6 +1139,26 @@ impl UNet2DConditionModel {
             sample: self.conv_out.forward(x).cast(burn::tensor::FloatDType::F32),
             attn_probs: probs,
         }
+    }
+}
+
+/// Loads what the UNet and the ControlNet share: `conv_in`, the time embeddings and the down
+/// blocks under `prefix`.
+pub(crate) fn load_down_path(
+    sd: &mut StateDict,
+    prefix: &str,
+    (conv_in, time_embedding): (&mut Conv2d, &mut TimestepEmbedding),
+    add_embedding: &mut Option<TimestepEmbedding>,
+    down_blocks: &mut [DownBlock],
+) {
+    let p = |name: &str| join(prefix, name);
+    sd.conv2d(conv_in, &p("conv_in"));
+    time_embedding.load(sd, &p("time_embedding"));
+    if let Some(a) = add_embedding.as_mut() {
+        a.load(sd, &p("add_embedding"));
+    }
+    for (i, block) in down_blocks.iter_mut().enumerate() {
+        block.load(sd, &p(&format!("down_blocks.{i}")));
     }
 }
 
