@@ -5,7 +5,9 @@
 //! image and, unusually, the PPR image tokens as `encoder_hidden_states`; diffusers'
 //! `StableDiffusionXLControlNetPipeline` (what the maintainers point users to for pose control
 //! at inference) gives it the text. [`ControlContext`] chooses; rows without a pose get no
-//! residuals (the ControlNet is skipped for them).
+//! residuals (the ControlNet is skipped for them). The reference casts the residuals to fp16
+//! whatever the run's precision (`weight_dtype = torch.float16` in `IPAdapter.forward`); here
+//! they are added in the UNet's own dtype.
 
 use std::path::Path;
 
