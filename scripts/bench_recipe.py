@@ -89,7 +89,7 @@ def process(row, rng):
         mask = cv2.imdecode(np.frombuffer(c["mask"]["bytes"], np.uint8), cv2.IMREAD_GRAYSCALE)
         dilated = cv2.dilate(mask, KERNEL, iterations=1)
         soft = cv2.GaussianBlur(dilated, (5, 5), 0)
-        contours, _ = cv2.findContours(dilated, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        contours, _ = cv2.findContours(soft, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         x, y, bw, bh = cv2.boundingRect(np.concatenate(contours))
         loss = cv2.resize(soft, (w // 8, h // 8), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
         if drop_image:

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use troupe_data::image_io::DecodeLimits;
-use troupe_data::import::import_storymaker;
+use troupe_data::import::{ImportOptions, import_storymaker};
 use troupe_data::pack::{OnBadLine, pack_manifest, read_npy_f32};
 use troupe_data::shard::{ShardReader, ShardWriterOptions};
 use troupe_pt::{Tensor, Value};
@@ -203,9 +203,10 @@ proptest! {
         let _ = import_storymaker(
             &index,
             &dir.path().join("out"),
-            ShardWriterOptions::default(),
-            OnBadLine::Skip,
-            DecodeLimits::default(),
+            &ImportOptions {
+                on_bad: OnBadLine::Skip,
+                ..Default::default()
+            },
         );
     }
 

@@ -27,9 +27,18 @@ pub enum DataCommand {
         faces: crate::eval::OptionalFaceModels,
     },
     /// Import a dataset in StoryMaker's reference layout (JSON index keyed by person count).
+    ///
+    /// StoryMaker's own example (a checkout of RedAIGC/StoryMaker), whose index paths are relative
+    /// to `examples/`:
+    ///
+    ///   troupe data import-storymaker examples/datasets/test.json --root examples --out shards/
     ImportStorymaker {
         /// The index JSON, e.g. examples/datasets/test.json.
         index: PathBuf,
+        /// The folder the index's paths are relative to (the reference opens them from its
+        /// working directory) [default: the index's folder].
+        #[arg(long)]
+        root: Option<PathBuf>,
         #[command(flatten)]
         out: OutArgs,
     },
@@ -233,13 +242,18 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 &mut crate::progress("lines"),
             ))
         }
-        DataCommand::ImportStorymaker { index, out } => {
+        DataCommand::ImportStorymaker { index, root, out } => {
+            let options = troupe_data::import::ImportOptions {
+                root,
+                shards: out.options(),
+                on_bad: out.policy(),
+                limits,
+                ..Default::default()
+            };
             report_pack(troupe_data::import::import_storymaker_with(
                 &index,
                 &out.out,
-                out.options(),
-                out.policy(),
-                limits,
+                &options,
                 &mut crate::progress("entries"),
             ))
         }

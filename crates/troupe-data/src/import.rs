@@ -2,19 +2,22 @@
 //!
 //! The layout (reference `mp_dataset.py`): a JSON index keyed by person count,
 //! `{"1": [entry, …], "2": […], "3": […]}`, each entry `[image, pose, mask, caption, num_persons,
-//! faceid_dir]` with paths relative to the index's folder; a colour-coded mask PNG where
-//! character 0/1/2 is pure blue/green/red in RGB (exact match, as `cv2.inRange` with equal
+//! faceid_dir]` with paths relative to the data root (the reference opens them from its working
+//! directory: `examples/` for its own `examples/datasets/test.json`); a colour-coded mask where
+//! character 0/1/2 is pure blue/green/red in RGB, resized to the image as the reference does
+//! (Pillow's default bicubic on the RGB mask) and then matched exactly (`cv2.inRange` with equal
 //! bounds); `faceid_dir/{i}.bin` PyTorch files `{'id': (1, 512) f32, 'kps': (5, 2) f32}` with
-//! keypoints relative to character i's crop (the bounding box of its 7×7-dilated mask).
+//! keypoints relative to character i's crop (the bounding box of its 7×7-dilated, 5×5-blurred
+//! mask, `crop_refimg` → `bounding_rectangle`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use image::{RgbImage, imageops::FilterType};
+use image::RgbImage;
 
 use crate::error::{DataError, Location, Result};
-use crate::image_io::{DecodeLimits, decode_rgb, probe};
-use crate::ops::color_masks;
+use crate::image_io::{DecodeLimits, decode_rgb, probe, same_aspect};
+use crate::ops::{Filter, LibraryVersions, Resizer, color_masks, resize_rgb};
 use crate::pack::{CharacterInput, OnBadLine, OnProgress, PackReport, build_sample, write_shards};
 use crate::recipe::soft_mask;
 use crate::schema::{EMBEDDING_DIM, EncodedImage, MAX_CHARACTERS, Sample};
@@ -26,36 +29,50 @@ pub const SLOT_COLOURS: [[u8; 3]; MAX_CHARACTERS] = [[0, 0, 255], [0, 255, 0], [
 /// The reference's dilation before cropping, which defines the crop keypoints are relative to.
 const CROP_DILATION: u32 = 7;
 
+/// How to import.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// The folder the index's paths are relative to (`None`: the index's own folder).
+    pub root: Option<PathBuf>,
+    /// Shard layout.
+    pub shards: ShardWriterOptions,
+    /// Fail on a bad entry, or skip it (reported).
+    pub on_bad: OnBadLine,
+    /// Image size limits.
+    pub limits: DecodeLimits,
+    /// Whose Pillow arithmetic the mask resize reproduces.
+    pub versions: LibraryVersions,
+}
+
 /// Imports a StoryMaker index into shards in `out`.
 pub fn import_storymaker(
     index: &Path,
     out: &Path,
-    options: ShardWriterOptions,
-    on_bad: OnBadLine,
-    limits: DecodeLimits,
+    options: &ImportOptions,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
-    import_storymaker_with(index, out, options, on_bad, limits, &mut |_, _| {})
+    import_storymaker_with(index, out, options, &mut |_, _| {})
 }
 
 /// [`import_storymaker`], telling `progress` the entries done of the index's.
 pub fn import_storymaker_with(
     index: &Path,
     out: &Path,
-    options: ShardWriterOptions,
-    on_bad: OnBadLine,
-    limits: DecodeLimits,
+    options: &ImportOptions,
     progress: &mut OnProgress<'_>,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
     let entries = read_index(index).map_err(|e| vec![e])?;
     let (total, mut done) = (entries.len() as u64, 0u64);
-    let base = index.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let base = match &options.root {
+        Some(root) => root.clone(),
+        None => index.parent().unwrap_or(Path::new(".")).to_path_buf(),
+    };
     let mut iter = entries.into_iter();
     let mut notes = Vec::new();
     // Ids (image file stems) are keys: two images with one stem would collide.
     let mut ids: HashMap<String, Location> = HashMap::new();
-    let mut report = write_shards(out, options, on_bad, || {
+    let mut report = write_shards(out, options.shards.clone(), options.on_bad, || {
         let (at, persons, entry) = iter.next()?;
-        let sample = import_entry(&entry, persons, &base, &at, limits, &mut notes);
+        let sample = import_entry(&entry, persons, &base, &at, options, &mut notes);
         done += 1;
         progress(done, total);
         if let Ok(s) = &sample {
@@ -129,9 +146,10 @@ fn import_entry(
     persons: usize,
     base: &Path,
     at: &Location,
-    limits: DecodeLimits,
+    options: &ImportOptions,
     notes: &mut Vec<DataError>,
 ) -> std::result::Result<Sample, Vec<DataError>> {
+    let limits = options.limits;
     let one = |e: DataError| vec![e];
     let field_at = |name: &str| {
         let prefix = at.field.clone().unwrap_or_default();
@@ -183,7 +201,11 @@ fn import_entry(
         std::fs::read(&path).map_err(|e| {
             DataError::new(
                 field_at(name),
-                format!("cannot read {}: {e}", path.display()),
+                format!(
+                    "cannot read {}: {e}{}",
+                    path.display(),
+                    root_hint(base, rel)
+                ),
             )
         })
     };
@@ -207,14 +229,24 @@ fn import_entry(
     let (mw, mh) = mask_rgb.dimensions();
     let mask_rgb: RgbImage = if (mw, mh) == (w, h) {
         mask_rgb
-    } else if mw as u64 * h as u64 == mh as u64 * w as u64 {
-        // Same aspect: resized as the reference does (it resizes every mask to the image),
-        // and said. Nearest keeps the colour codes exact.
+    } else if same_aspect((mw, mh), (w, h)) {
+        // Resized exactly as the reference does (`Image.open(mask).convert("RGB").resize((w,
+        // h))`: Pillow's default, bicubic); the colours matched afterwards are exact, so the
+        // mixed colours at the edges belong to no character, there as here. And said.
         notes.push(DataError::new(
             field_at("mask"),
-            format!("{mask_rel} is {mw}x{mh}, the image {w}x{h}: resized to the image"),
+            format!(
+                "{mask_rel} is {mw}x{mh}, the image {w}x{h}: resized to the image (bicubic, as the reference)"
+            ),
         ));
-        image::imageops::resize(&mask_rgb, w, h, FilterType::Nearest)
+        resize_rgb(
+            &mut Resizer::with_order(options.versions.pass_order),
+            &mask_rgb,
+            w,
+            h,
+            Filter::CatmullRom,
+        )
+        .map_err(|e| one(DataError::new(field_at("mask"), e.to_string())))?
     } else {
         return Err(one(DataError::new(
             field_at("mask"),
@@ -273,6 +305,27 @@ fn import_entry(
         at,
         limits,
     )
+}
+
+/// When `rel` is not under `base` but is under one of its parents: which `--root` would work
+/// (the reference reads index paths from its working directory, often a parent of the index).
+fn root_hint(base: &Path, rel: &str) -> String {
+    base.ancestors()
+        .skip(1)
+        .find(|dir| dir.join(rel).exists())
+        .map(|dir| {
+            let shown = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            format!(
+                " (it exists under {}: pass `--root {}`, the folder the index's paths are relative to)",
+                shown.display(),
+                shown.display()
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// Reads one `faceid_dir/{i}.bin`: the identity embedding (512) and keypoints (10, crop-relative).

@@ -159,9 +159,10 @@ fn bad_manifest_field(line: &str) -> Option<(String, String)> {
 }
 
 /// What to do with a manifest line that fails validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OnBadLine {
     /// Stop, remove the shards written so far, report the line (default).
+    #[default]
     Fail,
     /// Leave the line out and report it.
     Skip,

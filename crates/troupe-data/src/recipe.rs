@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{DecodeLimits, check_pose_shape, decode_gray, decode_rgb};
-use crate::ops::{self, Filter};
+use crate::ops::{self, Filter, LibraryVersions, PassOrder};
 use crate::plan::Target;
 use crate::rng::KeyedRng;
 use crate::schema::{self, Sample, col};
@@ -77,6 +77,8 @@ pub struct RecipeConfig {
     /// Refuse rows without a pose image (`data.require_pose`); otherwise such rows train
     /// without the ControlNet.
     pub require_pose: bool,
+    /// Whose OpenCV / Pillow arithmetic the crops and resizes reproduce.
+    pub versions: LibraryVersions,
 }
 
 impl Default for RecipeConfig {
@@ -89,6 +91,7 @@ impl Default for RecipeConfig {
             dropout: Dropout::default(),
             fixed_target_size: Some((1286, 960)),
             require_pose: false,
+            versions: LibraryVersions::default(),
         }
     }
 }
@@ -135,6 +138,17 @@ pub struct ProcessedSample {
 #[derive(Default)]
 pub struct Scratch {
     resizer: ops::Resizer,
+    order: PassOrder,
+}
+
+impl Scratch {
+    /// The resizer, emulating Pillow's `order`.
+    fn resizer(&mut self, order: PassOrder) -> &mut ops::Resizer {
+        if order != self.order {
+            (self.resizer, self.order) = (ops::Resizer::with_order(order), order);
+        }
+        &mut self.resizer
+    }
 }
 
 /// Runs the recipe on one row. `at` names the row; errors name the field too.
@@ -176,6 +190,7 @@ pub fn process(
     let view = region(&image, target.crop);
     let resized = resize(
         scratch,
+        cfg.versions.pass_order,
         view.as_ref().unwrap_or(&image),
         w,
         h,
@@ -228,9 +243,17 @@ pub fn process(
             for (k, p) in character.keypoints.chunks_exact(2).enumerate() {
                 kps[k] = [p[0] - x0 as f32, p[1] - y0 as f32];
             }
-            let face = ops::norm_crop(&white, &kps, s);
+            let face = ops::norm_crop_with(&white, &kps, s, cfg.versions.warp);
             let rotated = ops::rotate_nearest(&white, angles[i], [255, 255, 255]);
-            let body = resize(scratch, &rotated, s, s, Filter::Lanczos3, at)?;
+            let body = resize(
+                scratch,
+                cfg.versions.pass_order,
+                &rotated,
+                s,
+                s,
+                Filter::Lanczos3,
+                at,
+            )?;
             let mut clip_face = vec![0.0; 3 * (s * s) as usize];
             let mut clip_body = vec![0.0; 3 * (s * s) as usize];
             ops::clip_normalize(&face, &mut clip_face);
@@ -274,6 +297,7 @@ pub fn process(
             let pose_view = region(&pose, pc);
             let resized = resize(
                 scratch,
+                cfg.versions.pass_order,
                 pose_view.as_ref().unwrap_or(&pose),
                 w,
                 h,
@@ -321,13 +345,14 @@ pub fn process(
 
 fn resize(
     scratch: &mut Scratch,
+    order: PassOrder,
     img: &RgbImage,
     w: u32,
     h: u32,
     filter: Filter,
     at: &Location,
 ) -> Result<RgbImage> {
-    ops::resize_rgb(&mut scratch.resizer, img, w, h, filter)
+    ops::resize_rgb(scratch.resizer(order), img, w, h, filter)
         .map_err(|e| DataError::new(at.clone(), e.to_string()))
 }
 
@@ -341,11 +366,13 @@ fn region<P: image::Pixel + 'static>(
         .then(|| image::imageops::crop_imm(img, x, y, w, h).to_image())
 }
 
-/// A character's soft mask at full resolution and the bounding box of its dilated mask.
+/// A character's soft mask at full resolution and its crop box.
 pub struct SoftMask {
     /// Dilated then blurred mask.
     pub mask: GrayImage,
-    /// x0, y0, x1, y1 (exclusive) of the dilated mask's non-zero pixels.
+    /// x0, y0, x1, y1 (exclusive) of the soft mask's non-zero pixels: the reference's crop
+    /// (`bounding_rectangle` of the external contours of the dilated *and blurred* mask, so the
+    /// blur's 2-pixel spread is inside it).
     pub bbox: [u32; 4],
 }
 
@@ -360,8 +387,9 @@ pub fn soft_mask(mask: &GrayImage, kernel: u32) -> Option<SoftMask> {
     let (x1, y1) = ((b.x1 + m).min(mask.width()), (b.y1 + m).min(mask.height()));
     let roi = image::imageops::crop_imm(mask, x0, y0, x1 - x0, y1 - y0).to_image();
     let dilated = ops::dilate_rect(&roi, kernel);
-    let d = ops::nonzero_bbox(&dilated).expect("dilating a non-empty mask keeps it non-empty");
     let blurred = ops::gaussian_blur_5x5(&dilated);
+    let d =
+        ops::nonzero_bbox(&blurred).expect("blurring a dilated non-empty mask keeps it non-empty");
     let mut full = GrayImage::new(mask.width(), mask.height());
     image::imageops::replace(&mut full, &blurred, x0 as i64, y0 as i64);
     Some(SoftMask {
@@ -399,7 +427,7 @@ mod tests {
             let fast = soft_mask(&m, 7).unwrap();
             let full = ops::gaussian_blur_5x5(&ops::dilate_rect(&m, 7));
             assert_eq!(fast.mask, full, "blob at {bx},{by}");
-            let d = ops::nonzero_bbox(&ops::dilate_rect(&m, 7)).unwrap();
+            let d = ops::nonzero_bbox(&full).unwrap();
             assert_eq!(fast.bbox, [d.x0, d.y0, d.x1, d.y1]);
         }
     }

@@ -17,12 +17,13 @@ use std::path::{Path, PathBuf};
 use image::{GrayImage, RgbImage};
 use troupe_data::error::Location;
 use troupe_data::image_io::{DecodeLimits, decode_rgb};
+use troupe_data::ops::LibraryVersions;
 use troupe_data::ops::clip_image::ClipImageProcessor;
-use troupe_data::ops::geometry::{WarpImpl, norm_crop_with};
+use troupe_data::ops::geometry::norm_crop_with;
 use troupe_data::ops::morph::{
     composite_on_white, crop_gray, crop_rgb, gaussian_blur_5x5, nonzero_bbox,
 };
-use troupe_data::ops::resize::{Filter, PassOrder, Resizer, resize_rgb};
+use troupe_data::ops::resize::{Filter, Resizer, resize_rgb};
 
 use crate::DiffusionError;
 
@@ -46,42 +47,26 @@ pub struct Reference {
     pub keypoints: [[f32; 2]; 5],
 }
 
-/// Which library versions' arithmetic the crops reproduce: the face alignment's
-/// `cv2.warpAffine` (OpenCV 4 and 5 differ by a level here and there) and Pillow's resize pass
-/// order (13 changed it). The default is the StoryMaker era's (OpenCV 4, Pillow ≤ 12).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CropOps {
-    /// `warpAffine` implementation of `norm_crop`.
-    pub warp: WarpImpl,
-    /// Pillow resize pass order.
-    pub pass_order: PassOrder,
-}
+/// Which library versions' arithmetic the crops reproduce (the data crate's
+/// [`LibraryVersions`]: `warpAffine` and Pillow's resize pass order).
+pub type CropOps = LibraryVersions;
 
-impl CropOps {
-    /// OpenCV 5 and Pillow 13 (current releases).
-    pub fn current() -> Self {
-        Self {
-            warp: WarpImpl::OpenCv5,
-            pass_order: PassOrder::Pillow13,
-        }
-    }
-
-    fn resize(
-        &self,
-        img: &RgbImage,
-        w: u32,
-        h: u32,
-        source: &str,
-    ) -> Result<RgbImage, DiffusionError> {
-        resize_rgb(
-            &mut Resizer::with_order(self.pass_order),
-            img,
-            w,
-            h,
-            Filter::CatmullRom,
-        )
-        .map_err(|e| err(source, "", e.to_string()))
-    }
+/// Pillow's bicubic resize with `ops`' pass order.
+fn resize_bicubic(
+    ops: &CropOps,
+    img: &RgbImage,
+    w: u32,
+    h: u32,
+    source: &str,
+) -> Result<RgbImage, DiffusionError> {
+    resize_rgb(
+        &mut Resizer::with_order(ops.pass_order),
+        img,
+        w,
+        h,
+        Filter::CatmullRom,
+    )
+    .map_err(|e| err(source, "", e.to_string()))
 }
 
 /// CLIP-normalised crops of one reference: `[3, S, S]` each.
@@ -361,7 +346,7 @@ impl Reference {
                 }
             }
         }
-        ops.resize(&out, CROP_SIZE, CROP_SIZE, &self.source)
+        resize_bicubic(ops, &out, CROP_SIZE, CROP_SIZE, &self.source)
     }
 }
 

@@ -316,7 +316,10 @@ pub fn norm_crop_with(
 }
 
 /// Which OpenCV version's bilinear `warpAffine` to reproduce (they differ by up to ~4 levels).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum WarpImpl {
     /// OpenCV 4.x (verified 4.10, 4.11): fixed point, 1/32-pixel grid ([`warp_affine_bilinear`]).
     #[default]

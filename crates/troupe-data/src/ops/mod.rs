@@ -47,6 +47,29 @@ pub use resize::{
     resize_rgb_cached,
 };
 
+/// Which library versions' arithmetic the operations reproduce where releases differ:
+/// `cv2.warpAffine` (OpenCV 4 and 5) and Pillow's resize pass order (≤ 12 and 13). The default
+/// is the StoryMaker era's (OpenCV 4, Pillow ≤ 12); [`LibraryVersions::current`] is today's
+/// (what the pinned reference environment runs, so its fixtures need it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LibraryVersions {
+    /// `warpAffine` implementation of `norm_crop`.
+    pub warp: WarpImpl,
+    /// Pillow resize pass order.
+    pub pass_order: PassOrder,
+}
+
+impl LibraryVersions {
+    /// OpenCV 5 and Pillow 13 (current releases).
+    pub fn current() -> Self {
+        Self {
+            warp: WarpImpl::OpenCv5,
+            pass_order: PassOrder::Pillow13,
+        }
+    }
+}
+
 /// Errors of the image operations (only the operations that can meaningfully fail return it).
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {

@@ -539,7 +539,10 @@ fn resample_rgb_generic(
 
 /// Order of the two passes of a 2-D resize (the intermediate is rounded to 8 bits, so the order
 /// changes results by up to ~2 levels).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum PassOrder {
     /// Pillow ≤ 12 (the StoryMaker era): always horizontal first, over only the source rows
     /// the vertical pass reads.
