@@ -121,3 +121,33 @@ impl std::error::Error for DataError {}
 
 /// Result with [`DataError`].
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
+
+thread_local! {
+    /// Set while this thread runs work under [`catch_quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work`, turning a panic into `Err(its message)` without printing it. For decoders that
+/// panic on corrupt input (the `parquet` crate's asserts, libjpeg's fatal errors raised as
+/// panics): the caller names the file.
+pub(crate) fn catch_quietly<T>(work: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|d| d.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|d| d.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    QUIET.with(|d| d.set(was));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default()
+    })
+}

@@ -156,8 +156,18 @@ pub fn check_pose_shape(pose: (u32, u32), image: (u32, u32), at: &Location) -> R
     ))
 }
 
-/// Decodes to 8-bit RGB (alpha dropped, gray expanded).
+/// Whether `bytes` are a JPEG file (decoded by libjpeg, as Pillow: [`crate::jpeg`]).
+fn is_jpeg(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0xFF, 0xD8, 0xFF])
+}
+
+/// Decodes to 8-bit RGB (alpha dropped, gray expanded) as Pillow's `.convert("RGB")` does;
+/// JPEGs through libjpeg-turbo's decoder ([`crate::jpeg`]), bit for bit as Pillow.
 pub fn decode_rgb(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<RgbImage> {
+    if is_jpeg(bytes) {
+        probe(bytes, at, limits)?;
+        return crate::jpeg::decode_rgb(bytes, at, limits);
+    }
     Ok(match decode(bytes, at, limits)? {
         DynamicImage::ImageRgb8(img) => img,
         other => other.to_rgb8(),
@@ -167,6 +177,19 @@ pub fn decode_rgb(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<R
 /// Decodes to 8-bit single channel. Masks are stored as 8-bit grayscale PNG; other colour types
 /// are converted to luma.
 pub fn decode_gray(bytes: &[u8], at: &Location, limits: DecodeLimits) -> Result<GrayImage> {
+    if is_jpeg(bytes) {
+        // Pillow's RGB → L (`L24`): exact for gray JPEGs, which libjpeg expands to R = G = B.
+        let rgb = decode_rgb(bytes, at, limits)?;
+        let (w, h) = rgb.dimensions();
+        let luma = rgb
+            .pixels()
+            .map(|p| {
+                let [r, g, b] = p.0.map(u32::from);
+                ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16) as u8
+            })
+            .collect();
+        return Ok(GrayImage::from_raw(w, h, luma).expect("sized buffer"));
+    }
     Ok(match decode(bytes, at, limits)? {
         DynamicImage::ImageLuma8(img) => img,
         other => other.to_luma8(),

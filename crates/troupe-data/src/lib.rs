@@ -9,6 +9,7 @@ pub mod check;
 pub mod error;
 pub mod image_io;
 pub mod import;
+pub mod jpeg;
 pub mod loader;
 pub mod ops;
 pub mod pack;

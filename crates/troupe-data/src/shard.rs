@@ -586,33 +586,11 @@ impl ShardReader {
     }
 }
 
-thread_local! {
-    /// Set while this thread runs the parquet decoder (see [`decoding`]).
-    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 /// Runs parquet decoding work. The `parquet` crate asserts (panics) on some corrupt pages
 /// instead of returning an error; such a panic becomes an error naming the file, and the panic
 /// message is not printed.
 fn decoding<T>(path: &Path, work: impl FnOnce() -> Result<T>) -> Result<T> {
-    static QUIET: std::sync::Once = std::sync::Once::new();
-    QUIET.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !DECODING.with(|d| d.get()) {
-                previous(info);
-            }
-        }));
-    });
-    let was = DECODING.with(|d| d.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-    DECODING.with(|d| d.set(was));
-    result.unwrap_or_else(|payload| {
-        let why = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+    crate::error::catch_quietly(work).unwrap_or_else(|why| {
         Err(DataError::new(
             Location::file(path),
             format!("corrupt data pages (the Parquet decoder failed: {why})"),
