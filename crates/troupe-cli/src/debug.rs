@@ -20,6 +20,19 @@ pub enum DebugCommand {
         #[arg(required = true)]
         prompts: Vec<String>,
     },
+    /// Decode an image as the data loader does (JPEG through libjpeg-turbo's decoder, as
+    /// Pillow) and write its 8-bit RGB pixels as PNG, to compare with
+    /// `Image.open(IMAGE).convert("RGB")`. With `--repeat N`, also print the decode throughput.
+    Decode {
+        /// The image file.
+        image: PathBuf,
+        /// Where to write the RGB pixels (PNG).
+        #[arg(long)]
+        out: PathBuf,
+        /// Decode this many times and print megapixels per second (one core).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
     /// Time UNet forward passes of a config with random weights (no weight files needed);
     /// `scripts/bench_unet.py` runs diffusers on the same config and prints the ratio.
     BenchUnet(BenchUnetArgs),
@@ -156,6 +169,27 @@ pub fn run(cmd: DebugCommand) -> Result<ExitCode> {
                 let line: Vec<String> = ids.iter().map(u32::to_string).collect();
                 writeln!(out, "{}", line.join(" "))?;
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        DebugCommand::Decode { image, out, repeat } => {
+            use troupe_data::image_io::{DecodeLimits, decode_rgb};
+            let bytes =
+                std::fs::read(&image).with_context(|| format!("reading {}", image.display()))?;
+            let at = troupe_data::Location::file(&image);
+            let started = std::time::Instant::now();
+            let mut rgb = decode_rgb(&bytes, &at, DecodeLimits::default())?;
+            for _ in 1..repeat {
+                rgb = decode_rgb(&bytes, &at, DecodeLimits::default())?;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            if repeat > 1 {
+                let mp = (rgb.width() * rgb.height()) as f64 / 1e6 * repeat as f64;
+                println!("{:.1} MP/s", mp / secs);
+            }
+            let png = troupe_data::image_io::encode_png_rgb(&rgb);
+            troupe_diffusion::gallery::write_atomic(&out, &png)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         DebugCommand::BenchUnet(args) => bench_unet(args),

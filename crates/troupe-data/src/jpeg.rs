@@ -97,7 +97,10 @@ unsafe fn decode(bytes: &[u8], limits: DecodeLimits) -> std::result::Result<RgbI
     let (ow, oh) = (cinfo.output_width as usize, cinfo.output_height as usize);
     let mut raw = vec![0u8; ow * oh * channels];
     while (cinfo.output_scanline as usize) < oh {
-        let mut row = unsafe { raw.as_mut_ptr().add(cinfo.output_scanline as usize * ow * channels) };
+        let mut row = unsafe {
+            raw.as_mut_ptr()
+                .add(cinfo.output_scanline as usize * ow * channels)
+        };
         if unsafe { jpeg_read_scanlines(cinfo, &mut row, 1) } != 1 {
             return Err("the decoder stopped early".into());
         }
