@@ -419,13 +419,7 @@ fn the_recipe_on_a_half_size_mask_equals_the_reference_dataset() {
     )
     .unwrap();
     let worst = |got: &[f32], want: &[f32], what: &str| {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        let mut m = 0f32;
-        for (g, w) in got.iter().zip(want) {
-            assert!(g.is_finite() && w.is_finite(), "{what}: {g} vs {w}");
-            m = m.max((g - w).abs());
-        }
-        m
+        troupe_pt::parity::max_abs_diff(got, want, what) as f32
     };
     // Ground truth: the 8-bit image the reference normalises to [-1, 1].
     let gt = image::open(layout().join("expected/gt.png"))

@@ -35,11 +35,7 @@ fn max_abs_diff(a: &Path, ka: &str, b: &Path, kb: &str) -> f32 {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect::<Vec<_>>()
     };
-    f(x.data())
-        .iter()
-        .zip(f(y.data()))
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f32::max)
+    troupe_pt::parity::max_abs_diff(&f(x.data()), &f(y.data()), ka) as f32
 }
 
 /// Runs `troupe debug forward` and checks each named output against the reference file.

@@ -175,12 +175,30 @@ fn crash_and_resume_is_bit_identical_to_a_straight_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(image::open(&both).unwrap().width(), 1200);
-    // keep_last = 2: only steps 3 and 6 remain complete in the straight run.
-    let names: Vec<String> = std::fs::read_dir(straight.join("checkpoints"))
+}
+
+#[test]
+fn keep_last_prunes_all_but_the_newest_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let sets = [
+        "train.max_steps=5",
+        "checkpoint.every_steps=1",
+        "checkpoint.keep_last=2",
+    ];
+    let out = train_with(&run, &sets);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Five checkpoints were written; the three oldest are gone.
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    names.sort();
+    assert_eq!(names, ["step-00000004", "step-00000005"]);
 }
 
 #[test]

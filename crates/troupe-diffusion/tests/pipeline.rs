@@ -66,13 +66,7 @@ fn load(file: &AdapterFile) -> Pipeline {
 
 /// Max |a − b|; fails on any non-finite value or a length mismatch.
 fn max_diff(got: &[f32], want: &[f32], what: &str) -> f32 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut m = 0f32;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() && w.is_finite(), "{what}[{i}]: {g} vs {w}");
-        m = m.max((g - w).abs());
-    }
-    m
+    troupe_pt::parity::max_abs_diff(got, want, what) as f32
 }
 
 fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {

@@ -50,19 +50,7 @@ fn cases() -> Vec<(String, serde_json::Value)> {
 fn max_abs_diff(got: Tensor<4>, want: &[f32], what: &str) -> f32 {
     assert_eq!(got.dims(), SHAPE, "{what}: shape");
     let got = got.into_data().try_to_vec::<f32>().unwrap();
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut max = 0.0f32;
-    for (g, w) in got.iter().zip(want) {
-        assert!(
-            g.is_finite() && w.is_finite(),
-            "{what}: non-finite {g} vs {w}"
-        );
-        let d = (g - w).abs();
-        if d > max {
-            max = d;
-        }
-    }
-    max
+    troupe_pt::parity::max_abs_diff(&got, want, what) as f32
 }
 
 /// `base`, or 4 f32 ulps of the largest input value when that is larger: diffusers itself

@@ -20,13 +20,7 @@ fn model_dir() -> PathBuf {
 
 /// Max |a − b|; fails on any non-finite value or a length mismatch.
 fn max_diff(got: &[f64], want: &[f64], what: &str) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut m = 0f64;
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!(g.is_finite() && w.is_finite(), "{what}[{i}]: {g} vs {w}");
-        m = m.max((g - w).abs());
-    }
-    m
+    troupe_pt::parity::max_abs_diff(got, want, what)
 }
 
 #[test]

@@ -30,6 +30,7 @@
 
 mod materialize;
 mod numpy;
+pub mod parity;
 mod pickle;
 mod pickle_write;
 mod tensor;

@@ -209,14 +209,15 @@ fn half_conversion_on_export() {
     );
 }
 
-/// With `TROUPE_PT_EXPORT_DIR` set, writes `export.bin`, `export_zip64.bin`
-/// and `everything.bin` with `.json` expectations there, for
-/// `python scripts/make_pt_fixtures.py --check DIR/*.bin` to verify with torch.
+/// Not a test: a tool. Writes `export.bin`, `export_zip64.bin` and `everything.bin` with
+/// `.json` expectations to `TROUPE_PT_EXPORT_DIR`, for
+/// `python scripts/make_pt_fixtures.py --check DIR/*.bin` to verify with torch:
+/// `TROUPE_PT_EXPORT_DIR=/tmp/pt cargo test --release -p troupe-pt --test roundtrip -- --ignored`.
 #[test]
+#[ignore = "writes files for the torch check; run with TROUPE_PT_EXPORT_DIR and --ignored"]
 fn export_for_torch_check() {
-    let Some(dir) = std::env::var_os("TROUPE_PT_EXPORT_DIR") else {
-        return;
-    };
+    let dir = std::env::var_os("TROUPE_PT_EXPORT_DIR")
+        .expect("set TROUPE_PT_EXPORT_DIR to the folder to write the files to");
     let dir = std::path::PathBuf::from(dir);
     std::fs::create_dir_all(&dir).unwrap();
     let json = |name: &str, v: &Value| {

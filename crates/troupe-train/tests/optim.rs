@@ -44,11 +44,7 @@ fn adamw_matches_pytorch() {
         l = opt.step(l, &names, &mut grads, &lrs);
         let got = l.weight.val().into_data().try_to_vec::<f32>().unwrap();
         let want = floats(&step["param"]);
-        let err = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max);
+        let err = troupe_pt::parity::max_abs_diff(&got, &want, "param");
         assert!(err <= 2e-6, "step {i}: max abs error {err}");
     }
     assert_eq!(opt.step, 4);
@@ -58,20 +54,34 @@ fn adamw_matches_pytorch() {
 #[test]
 fn global_norm_clipping_scales_all_gradients_together() {
     let device = Device::flex();
-    let a = linear_with(&[0.0; 12], &device);
+    // Two parameters in two learning-rate groups: the norm is over both, and both are scaled
+    // by the same factor (each alone is under the limit; together they are not).
+    let l: Linear = LinearConfig::new(4, 3).init(&device);
+    let bias = l.bias.as_ref().unwrap();
     let mut names = ParamNames::default();
-    names.add(vec![("weight".into(), a.weight.id)], "g");
+    names.add(vec![("weight".into(), l.weight.id)], "ppr");
+    names.add(vec![("bias".into(), bias.id)], "processors");
     let mut grads = GradientsParams::new();
-    // 12 entries of 1.0: norm √12 ≈ 3.46.
-    grads.register(a.weight.id, Tensor::<2>::ones([3, 4], &device));
-    let norm = clip_grad_norm(&a, &names, &mut grads, Some(1.0));
-    assert!((norm - 12f64.sqrt()).abs() < 1e-5);
-    let g: Tensor<2> = grads.get(a.weight.id).unwrap();
-    let after: f32 = g.square().sum().sqrt().into_scalar();
-    assert!((after - 1.0).abs() < 1e-4, "clipped norm {after}");
+    // 12 entries of 0.5 (norm √3) and 3 of 1.0 (norm √3): together √6 ≈ 2.45.
+    grads.register(
+        l.weight.id,
+        Tensor::<2>::ones([3, 4], &device).mul_scalar(0.5),
+    );
+    grads.register(bias.id, Tensor::<1>::ones([3], &device));
+    let norm = clip_grad_norm(&l, &names, &mut grads, Some(2.0));
+    assert!((norm - 6f64.sqrt()).abs() < 1e-5, "norm {norm}");
+    let factor = (2.0 / 6f64.sqrt()) as f32;
+    let w: Tensor<2> = grads.get(l.weight.id).unwrap();
+    let b: Tensor<1> = grads.get(bias.id).unwrap();
+    let (w, b) = (
+        w.into_data().try_to_vec::<f32>().unwrap(),
+        b.into_data().try_to_vec::<f32>().unwrap(),
+    );
+    assert!(w.iter().all(|v| (v - 0.5 * factor).abs() < 1e-6), "{w:?}");
+    assert!(b.iter().all(|v| (v - factor).abs() < 1e-6), "{b:?}");
     // Below the limit: untouched.
-    let norm = clip_grad_norm(&a, &names, &mut grads, Some(10.0));
-    assert!((norm - 1.0).abs() < 1e-4);
+    let norm = clip_grad_norm(&l, &names, &mut grads, Some(10.0));
+    assert!((norm - 2.0).abs() < 1e-4);
 }
 
 #[test]
