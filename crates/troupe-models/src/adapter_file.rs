@@ -8,8 +8,9 @@
 //!   reference pipeline's strict `load_state_dict` calls accept unchanged (they take the two
 //!   groups by name and ignore the rest).
 //!
-//! Reading accepts both, plus the public IP-Adapter `.bin` layout (`image_proj` instead of
-//! `image_proj_model`), through `troupe-pt`, which never executes pickle code.
+//! Reading accepts both, plus the public IP-Adapter layouts (`image_proj` instead of
+//! `image_proj_model`: a dictionary in `.bin`, a key prefix in `.safetensors`), through
+//! `troupe-pt`, which never executes pickle code.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -415,6 +416,13 @@ fn read_safetensors(path: &Path) -> Result<Contents, WeightError> {
             3 => to_host(sd.take_any::<3>(&key, &device)?),
             4 => to_host(sd.take_any::<4>(&key, &device)?),
             n => return Err(format_error(path, format!("`{key}` has rank {n}"))),
+        };
+        // The public IP-Adapter safetensors name the projection model `image_proj.*` (their
+        // `.bin` files an `image_proj` dictionary, read below); troupe's name is the
+        // StoryMaker one.
+        let key = match key.strip_prefix("image_proj.") {
+            Some(name) => format!("image_proj_model.{name}"),
+            None => key,
         };
         out.push((key, t));
     }

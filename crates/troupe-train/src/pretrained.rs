@@ -93,10 +93,30 @@ pub fn init_from_pretrained(
             );
         }
     }
-    let count = taken.len();
+    let count = |prefixes: &[&str]| {
+        taken
+            .iter()
+            .filter(|k| prefixes.iter().any(|p| k.starts_with(p)))
+            .count()
+    };
+    let groups = [
+        ("processors", count(&["ip_adapter."])),
+        (
+            "PPR proj/norm/perceiver_resampler",
+            count(&[
+                "image_proj_model.proj.",
+                "image_proj_model.norm.",
+                "image_proj_model.perceiver_resampler.",
+            ]),
+        ),
+        ("PPR resample", count(&["image_proj_model.resample."])),
+    ];
+    let shown: Vec<String> = groups.iter().map(|(g, n)| format!("{g}: {n}")).collect();
     let tensors: Vec<(String, troupe_pt::Tensor)> = merged.into_iter().collect();
     adapter.load_tensors(StateDict::from_tensors(&tensors)?)?;
     Ok(format!(
-        "initialised {count} tensors from pretrained checkpoints ({ignored} not used)"
+        "initialised {} tensors from pretrained checkpoints ({}; {ignored} not used)",
+        taken.len(),
+        shown.join(", ")
     ))
 }
