@@ -40,6 +40,18 @@ fn sample(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
     )
 }
 
+/// `troupe sample … extra` fails naming `want`, before creating `out`.
+fn assert_refused(adapter: &Path, out: &Path, extra: &[&str], want: &str) {
+    let o = sample(adapter, out, extra);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{extra:?} was accepted");
+    assert!(
+        stderr.contains(want),
+        "{extra:?}: expected `{want}` in: {stderr}"
+    );
+    assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+}
+
 /// [`sample`] without a prompt (for `--jobs`).
 fn sample_without_prompt(adapter: &Path, out: &Path, extra: &[&str]) -> Output {
     let base = [
@@ -128,15 +140,7 @@ fn bad_input_is_refused_before_denoising_naming_the_culprit() {
 
     let good = reference(0, &[]);
     let refused = |adapter: &Path, extra: &[&str], want: &str| {
-        let out = tmp.path().join("out");
-        let o = sample(adapter, &out, extra);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{extra:?} was accepted");
-        assert!(
-            stderr.contains(want),
-            "{extra:?}: expected `{want}` in: {stderr}"
-        );
-        assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+        assert_refused(adapter, &tmp.path().join("out"), extra, want)
     };
     refused(&a, &["--scheduler", "heun", "--reference", &good], "heun");
     refused(&a, &["--width", "60", "--reference", &good], "--width");
@@ -307,15 +311,8 @@ fn a_pose_through_a_controlnet_batches_with_jobs_without_one() {
     let missing = tmp.path().join("missing.png");
     let other = root().join("crates/troupe-models/tests/fixtures/controlnet/sd15_bgr");
     let refused = |extra: &[&str], want: &str| {
-        let out = tmp.path().join("out");
-        let o = sample(&a, &out, &[&["--reference", &good][..], extra].concat());
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "{extra:?} was accepted");
-        assert!(
-            stderr.contains(want),
-            "{extra:?}: expected `{want}` in: {stderr}"
-        );
-        assert!(!out.exists(), "{extra:?}: {} was created", out.display());
+        let extra = [&["--reference", &good][..], extra].concat();
+        assert_refused(&a, &tmp.path().join("out"), &extra, want)
     };
     let pose = pose.to_str().unwrap();
     refused(
