@@ -107,3 +107,47 @@ fn check_exits_non_zero_naming_file_row_and_field() {
         "{err}"
     );
 }
+
+#[test]
+fn the_bundled_datasets_regenerate_bit_for_bit() {
+    // The commands datasets/README.md and configs/tiny.toml give for them.
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[&str], &[&str]); 2] = [
+        (
+            "tiny",
+            &[
+                "--rows",
+                "48",
+                "--rows-per-shard",
+                "24",
+                "--rows-per-row-group",
+                "8",
+                "--seed",
+                "0",
+            ],
+            &["shard-00000.parquet", "shard-00001.parquet"],
+        ),
+        (
+            "tiny-val",
+            &["--rows", "8", "--rows-per-row-group", "8", "--seed", "1"],
+            &["shard-00000.parquet"],
+        ),
+    ];
+    for (name, args, files) in cases {
+        let out_dir = tmp.path().join(name);
+        let out = out_dir.to_str().unwrap();
+        let o = troupe(&[&["data", "synth", "--out", out][..], args].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let committed = tiny().join("..").join(name);
+        for f in files {
+            let (a, b) = (
+                std::fs::read(out_dir.join(f)).unwrap(),
+                std::fs::read(committed.join(f)).unwrap(),
+            );
+            assert!(
+                a == b,
+                "datasets/{name}/{f} differs from a fresh `troupe data synth`"
+            );
+        }
+    }
+}
