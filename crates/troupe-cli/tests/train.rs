@@ -227,6 +227,58 @@ fn corrupted_checkpoint_is_never_loaded() {
 }
 
 #[test]
+fn a_corrupted_newest_checkpoint_falls_back_to_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = train(&run, 6, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Step 6's adapter loses a byte's worth of bits: its checksum no longer matches.
+    let file = run.join("checkpoints/step-00000006/adapter.safetensors");
+    let good = std::fs::read(&file).unwrap();
+    let mut bytes = good.clone();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+    let out = troupe(&["train", "--resume", run.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checksum mismatch for adapter.safetensors")
+            && stderr.contains("previous complete checkpoint")
+            && stderr.contains("step 3"),
+        "{stderr}"
+    );
+    // Steps 4–6 again from step 3's checkpoint: the same adapter as the first time.
+    assert!(std::fs::read(&file).unwrap() == good);
+}
+
+#[test]
+fn running_the_same_command_again_continues_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    // Killed after step 4 (checkpoint at 3), then the very same command again.
+    let out = train(&run, 6, &[("TROUPE_CRASH_AFTER_STEP", "4")]);
+    assert!(!out.status.success(), "the crash hook did not fire");
+    let out = train(&run, 6, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("already holds this run: continuing it") && stderr.contains("at step 3"),
+        "{stderr}"
+    );
+    let (records, _) = troupe_train::records::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = records
+        .iter()
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<u64>>());
+}
+
+#[test]
 fn config_errors_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("r");
@@ -245,17 +297,46 @@ fn config_errors_name_the_key() {
 fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     // An absurd learning rate blows the weights up; the loss turns non-finite.
+    let run = tmp.path().join("r");
     let out = train_with(
-        &tmp.path().join("r"),
+        &run,
         &[
             "train.lr=1e30",
             "train.lr_adapter=1e30",
             "train.max_grad_norm=1e30",
             "train.max_nonfinite_steps=2",
             "train.max_steps=30",
+            "checkpoint.every_steps=1",
         ],
     );
     assert!(!out.status.success());
+    // The checkpoints taken before the blow-up stay complete and loadable; none after it.
+    let mut names: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        !names.is_empty(),
+        "no checkpoint before the non-finite steps"
+    );
+    let last = run.join("checkpoints").join(names.last().unwrap());
+    assert!(last.join("COMPLETE").is_file(), "{names:?}");
+    let exported = tmp.path().join("last.safetensors");
+    let export = troupe(
+        &[
+            "export",
+            last.to_str().unwrap(),
+            "--out",
+            exported.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("non-finite loss or gradient") && stderr.contains("step skipped"),
@@ -269,7 +350,14 @@ fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
 }
 
 #[test]
-fn sigterm_checkpoints_and_stops() {
+fn sigterm_and_sigint_checkpoint_and_stop() {
+    for signal in ["TERM", "INT"] {
+        stops_on(signal);
+    }
+}
+
+/// Trains until stopped by `kill -{signal}`; the run must checkpoint and exit 130.
+fn stops_on(signal: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("r");
     let dir = format!("run.dir={}", run.display());
@@ -300,18 +388,21 @@ fn sigterm_checkpoints_and_stops() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("interrupted at step"), "{stderr}");
+    assert_eq!(out.status.code(), Some(130), "SIG{signal}: {stderr}");
+    assert!(
+        stderr.contains("interrupted at step"),
+        "SIG{signal}: {stderr}"
+    );
     let ckpts: Vec<_> = std::fs::read_dir(run.join("checkpoints"))
         .unwrap()
         .collect();
-    assert_eq!(ckpts.len(), 1, "one checkpoint written on SIGTERM");
+    assert_eq!(ckpts.len(), 1, "one checkpoint written on SIG{signal}");
 }
 
 #[test]
