@@ -63,3 +63,56 @@ fn unknown_schedule_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn noising_v_target_and_snr_match_diffusers() {
+    // The objective noises `x0·√ᾱ + ε·√(1−ᾱ)` and targets `v = ε·√ᾱ − x0·√(1−ᾱ)` with
+    // `coefficients(t)`; diffusers' `add_noise`, `get_velocity` and `compute_snr` on the
+    // same values. PyTorch's `ᾱ ** 0.5` is one ulp off the correctly rounded square root at
+    // some t (sdxl, t = 500: 0.52567339 vs 0.52567333), so values agree to a few ulps, not
+    // bit for bit; anything more (a wrong ᾱ index, a swapped coefficient) is far outside.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ddpm.json");
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
+            .collect()
+    };
+    for (name, case) in all.as_object().unwrap() {
+        let config: SchedulerConfig = serde_json::from_value(case["config"].clone()).unwrap();
+        let ddpm = NoiseSchedule::new(&config).unwrap();
+        let (x0, noise) = (floats(&case["x0_bits"]), floats(&case["noise_bits"]));
+        let (noisy, velocity, snr) = (
+            floats(&case["add_noise_bits"]),
+            floats(&case["velocity_bits"]),
+            floats(&case["snr_bits"]),
+        );
+        let ts: Vec<usize> = serde_json::from_value(case["timesteps"].clone()).unwrap();
+        for (row, &t) in ts.iter().enumerate() {
+            let (sa, sn) = ddpm.coefficients(t);
+            for i in 0..x0.len() {
+                let k = row * x0.len() + i;
+                let close = |got: f32, want: f32| {
+                    (got - want).abs() <= 4.0 * f32::EPSILON * want.abs().max(1.0)
+                };
+                let got = x0[i] * sa + noise[i] * sn;
+                assert!(
+                    close(got, noisy[k]),
+                    "{name} t={t}: add_noise {got} vs {}",
+                    noisy[k]
+                );
+                let got = noise[i] * sa - x0[i] * sn;
+                let want = velocity[k];
+                assert!(close(got, want), "{name} t={t}: velocity {got} vs {want}");
+            }
+            let (got, want) = (ddpm.snr(t), snr[row]);
+            assert!(
+                got == want || ((got - want) / want).abs() <= 1e-6 || (got - want).abs() <= 1e-12,
+                "{name} t={t}: snr {got} vs {want}"
+            );
+        }
+    }
+}
