@@ -11,7 +11,7 @@ use burn::tensor::DType;
 use troupe_models::attention::{AdapterScales, AttnContext};
 use troupe_models::error::ModelError;
 use troupe_models::unet::{UNet2DConditionModel, UNetInput};
-use troupe_models::weights::{StateDict, WeightError};
+use troupe_models::weights::{StateDict, StoredDType, WeightError};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -263,4 +263,24 @@ fn loading_never_runs_the_random_initialisation() {
     unet.load(&mut sd, "");
     sd.finish("UNet2DConditionModel").unwrap();
     assert!(unet.conv_in.weight.is_initialized());
+}
+
+#[test]
+fn sharded_weights_load_through_their_index() {
+    // diffusers' `save_pretrained(max_shard_size=…)`: six shards and the index JSON.
+    let e = error_of("sd15_tiny_sharded", "even", Some(DType::F32));
+    assert!(e <= 1e-4, "max abs error {e}");
+}
+
+#[test]
+fn bf16_weights_upcast_to_f32_match() {
+    // The reference output was computed with the same bf16-rounded weights in f32.
+    let device = Device::flex();
+    let (_, report) =
+        UNet2DConditionModel::from_dir(&fixture("sd15_tiny_bf16"), &device, Some(DType::F32))
+            .unwrap();
+    let stored: Vec<_> = report.dtypes.keys().copied().collect();
+    assert_eq!(stored, [StoredDType::BF16], "{:?}", report.dtypes);
+    let e = error_of("sd15_tiny_bf16", "even", Some(DType::F32));
+    assert!(e <= 1e-4, "max abs error {e}");
 }
