@@ -290,6 +290,17 @@ fn check_finite(path: &Path, key: &str, t: &Tensor) -> Result<(), WeightError> {
     }
 }
 
+/// Checks a table of tensor shapes (key → shape, `image_proj_model.*` and `ip_adapter.*`)
+/// against `spec`, as [`AdapterFile::verify`] checks a file's: exactly the tensors and shapes
+/// the architecture has, none missing, none extra. `path` names the table in errors.
+pub fn verify_shapes(
+    path: &Path,
+    spec: &AdapterSpec,
+    shapes: &BTreeMap<String, Vec<usize>>,
+) -> Result<(), WeightError> {
+    verify_layout(path, spec, shapes)
+}
+
 /// Checks the tensors of an adapter file (`shapes`: key → shape) against `spec`: sizes valid,
 /// the PPR and each processor with exactly the tensors and shapes the architecture needs.
 fn verify_layout(
