@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import make_ppr_fixtures as P  # noqa: E402
-from make_unet_fixtures import LoRAAttnProcessor, LoRAIPAttnProcessor  # noqa: E402
+from make_unet_fixtures import LoRAAttnProcessor, LoRAIPAttnProcessor, processor_hidden_size  # noqa: E402
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection  # noqa: E402
 
@@ -79,12 +79,7 @@ def torch_step_time(base, res, steps, warmup, controlnet=False):
     cfg = unet.config
     procs, mods = {}, []
     for name in unet.attn_processors.keys():
-        if name.startswith("mid_block"):
-            h = cfg.block_out_channels[-1]
-        elif name.startswith("up_blocks"):
-            h = list(reversed(cfg.block_out_channels))[int(name[len("up_blocks.")])]
-        else:
-            h = cfg.block_out_channels[int(name[len("down_blocks.")])]
+        h = processor_hidden_size(cfg, name)
         p = LoRAAttnProcessor(h, None, RANK, 1.0) if name.endswith("attn1.processor") else \
             LoRAIPAttnProcessor(h, cfg.cross_attention_dim, RANK, 1.0, 1.0)
         procs[name] = p

@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 from make_pipeline_fixtures import import_reference  # noqa: E402
+from make_unet_fixtures import processor_hidden_size  # noqa: E402
 
 
 def main():
@@ -40,14 +41,9 @@ def main():
         proj = psm.faceid_plus(cross_attention_dim=unet.config.cross_attention_dim, id_embeddings_dim=512,
                                clip_embeddings_dim=1280)
         procs = {}
-        for name in unet.attn_processors.keys():  # set_ip_adapter's loop, verbatim in effect
+        for name in unet.attn_processors.keys():  # set_ip_adapter's loop
             cross = None if name.endswith("attn1.processor") else unet.config.cross_attention_dim
-            if name.startswith("mid_block"):
-                hidden = unet.config.block_out_channels[-1]
-            elif name.startswith("up_blocks"):
-                hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
-            else:
-                hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
+            hidden = processor_hidden_size(unet.config, name)
             cls = psm.LoRAAttnProcessor if cross is None else psm.LoRAIPAttnProcessor
             procs[name] = cls(hidden_size=hidden, cross_attention_dim=cross, rank=128)
         unet.set_attn_processor(procs)

@@ -161,16 +161,20 @@ class LoRAIPAttnProcessor(nn.Module):
         return attn.to_out[0](a) + s * self.to_out_lora(a)
 
 
+def processor_hidden_size(config, name):
+    """The hidden size the reference's `set_ip_adapter` gives processor `name`."""
+    if name.startswith("mid_block"):
+        return config.block_out_channels[-1]
+    if name.startswith("up_blocks"):
+        return list(reversed(config.block_out_channels))[int(name[len("up_blocks.")])]
+    return config.block_out_channels[int(name[len("down_blocks.")])]
+
+
 def attach_processors(unet, rank, lora_scale, scale, gen):
     procs = {}
     modules = []
     for name in unet.attn_processors.keys():
-        if name.startswith("mid_block"):
-            hidden = unet.config.block_out_channels[-1]
-        elif name.startswith("up_blocks"):
-            hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
-        else:
-            hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
+        hidden = processor_hidden_size(unet.config, name)
         if name.endswith("attn1.processor"):
             p = LoRAAttnProcessor(hidden, None, rank, lora_scale)
         else:
