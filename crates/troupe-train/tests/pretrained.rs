@@ -11,12 +11,18 @@ use troupe_pt::{Tensor, Value};
 use troupe_train::pretrained::init_from_pretrained;
 
 fn tiny(seed: u64) -> Adapter {
+    tiny_with_id(seed, 512)
+}
+
+/// The tiny adapter with identity embeddings `id` wide.
+fn tiny_with_id(seed: u64, id: usize) -> Adapter {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../configs/tiny-sdxl/unet/config.json"
     );
     let config = UNet2DConditionConfig::from_file(std::path::Path::new(path)).unwrap();
     let ppr = FaceIdPlusConfig::new()
+        .with_id_embeddings_dim(id)
         .with_cross_attention_dim(32)
         .with_clip_embeddings_dim(24)
         .with_resampler_dim_head(8)
@@ -165,4 +171,40 @@ fn a_checkpoint_missing_a_tensor_it_should_provide_is_refused() {
         e.contains("plus.safetensors") && e.contains("image_proj_model.resample.latents"),
         "{e}"
     );
+}
+
+#[test]
+fn the_public_checkpoints_made_by_their_own_code_load_as_storymaker_loads_them() {
+    // `scripts/make_public_adapter_fixtures.py`: IP-Adapter's own `ProjPlusModel`, `Resampler`
+    // and processors saved in the published layouts (`.bin` and `.safetensors`, float16), and
+    // what StoryMaker's training script takes from them (`expected.safetensors`).
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/public_adapters");
+    let expected =
+        troupe_models::weights::StateDict::from_file(dir.join("expected.safetensors")).unwrap();
+    let keys = expected.keys();
+    assert_eq!(keys.len(), 167);
+    for (faceid, plus) in [
+        ("faceid_plusv2.bin", "plus_vit_h.bin"),
+        ("faceid_plusv2.safetensors", "plus_vit_h.safetensors"),
+        ("faceid_plusv2.safetensors", "plus_vit_h.bin"),
+    ] {
+        let mut adapter = tiny_with_id(1, 64);
+        let summary =
+            init_from_pretrained(&mut adapter, Some(&dir.join(faceid)), Some(&dir.join(plus)))
+                .unwrap_or_else(|e| panic!("{faceid} + {plus}: {e}"));
+        assert!(summary.contains("initialised 167 tensors"), "{summary}");
+        let after = adapter.tensors();
+        for key in &keys {
+            let want = expected.read_host(key).unwrap().to_f32_vec().unwrap();
+            let got = get(&after, key).to_f32_vec().unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && got.len() == want.len(),
+                "{faceid} + {plus}: `{key}` is not what StoryMaker loads"
+            );
+        }
+    }
 }
