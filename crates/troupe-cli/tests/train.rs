@@ -303,7 +303,7 @@ fn repeated_non_finite_steps_stop_the_run_with_a_clear_message() {
         &[
             "train.lr=1e30",
             "train.lr_adapter=1e30",
-            "train.max_grad_norm=1e30",
+            "train.max_grad_norm=\"off\"",
             "train.max_nonfinite_steps=2",
             "train.max_steps=30",
             "checkpoint.every_steps=1",

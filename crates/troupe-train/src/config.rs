@@ -188,8 +188,13 @@ pub struct TrainSection {
     /// AdamW settings.
     #[serde(default)]
     pub adamw: AdamWConfig,
-    /// Global gradient-norm limit (`None` = no clipping).
-    #[serde(default = "clip")]
+    /// Global gradient-norm limit, or `"off"` (`None`): no clipping, which is what the
+    /// reference's call amounts to (its parameter iterator is already exhausted).
+    #[serde(
+        default = "clip",
+        deserialize_with = "grad_norm::deserialize",
+        serialize_with = "grad_norm::serialize"
+    )]
     pub max_grad_norm: Option<f64>,
     /// Consecutive non-finite steps after which the run stops.
     #[serde(default = "nonfinite")]
@@ -217,6 +222,35 @@ fn lr() -> f64 {
 fn constant() -> LrSchedule {
     LrSchedule::Constant
 }
+/// `train.max_grad_norm`: a number, or `"off"` for `None` (TOML has no null).
+mod grad_norm {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(f64),
+        Word(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Some(n)),
+            Raw::Word(w) if w == "off" => Ok(None),
+            Raw::Word(w) => Err(serde::de::Error::custom(format!(
+                "`{w}`: expected a number, or \"off\" to disable clipping"
+            ))),
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_f64(*n),
+            None => s.serialize_str("off"),
+        }
+    }
+}
+
 fn clip() -> Option<f64> {
     Some(1.0)
 }
@@ -499,9 +533,9 @@ impl TrainConfig {
         )?;
         if let Some(n) = t.max_grad_norm {
             check(
-                n > 0.0,
+                n > 0.0 && n.is_finite(),
                 "train.max_grad_norm",
-                "must be > 0 (omit it to disable clipping)",
+                "must be a positive number, or \"off\" to disable clipping",
             )?;
         }
         let a = &t.adamw;

@@ -198,3 +198,24 @@ fn two_groups_get_their_own_rates_and_the_state_survives_save_and_restore() {
         "a restored optimizer continues exactly"
     );
 }
+
+#[test]
+fn clipping_off_leaves_gradients_untouched() {
+    let device = Device::flex();
+    let a = linear_with(&[0.0; 12], &device);
+    let mut names = ParamNames::default();
+    names.add(vec![("weight".into(), a.weight.id)], "g");
+    let mut grads = GradientsParams::new();
+    grads.register(
+        a.weight.id,
+        Tensor::<2>::ones([3, 4], &device).mul_scalar(1e6),
+    );
+    let norm = clip_grad_norm(&a, &names, &mut grads, None);
+    assert!(
+        (norm - 1e6 * 12f64.sqrt()).abs() / norm < 1e-6,
+        "the norm is still reported"
+    );
+    let g: Tensor<2> = grads.get(a.weight.id).unwrap();
+    let g = g.into_data().try_to_vec::<f32>().unwrap();
+    assert!(g.iter().all(|&v| v == 1e6), "{g:?}");
+}
