@@ -154,6 +154,20 @@ pub struct DataConfig {
     /// without the ControlNet.
     #[serde(default)]
     pub require_pose: bool,
+    /// The SDXL micro-conditioning's target size `[height, width]` in every sample's time ids
+    /// (`[orig_h, orig_w, 0, 0, height, width]`). Default `[1286, 960]`, the value
+    /// `train_storymaker.py` builds (`int(960 · 1.34)`). Its bf16 launch casts the time ids to
+    /// bf16, so the released weights actually saw `[1288, 960]`: set that for exact parity
+    /// with how they were trained.
+    #[serde(default = "target_size")]
+    pub target_size: [u32; 2],
+}
+
+fn target_size() -> [u32; 2] {
+    let (h, w) = troupe_data::recipe::RecipeConfig::default()
+        .fixed_target_size
+        .expect("the reference recipe has a fixed target size");
+    [h, w]
 }
 
 fn window() -> usize {

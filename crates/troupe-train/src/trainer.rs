@@ -158,6 +158,7 @@ pub(crate) fn loader_config(config: &TrainConfig, encoders: &Encoders) -> Loader
         },
         recipe: RecipeConfig {
             require_pose: d.require_pose,
+            fixed_target_size: Some((d.target_size[0], d.target_size[1])),
             ..recipe
         },
         repeats: d.repeat_by_characters.clone(),
@@ -556,4 +557,31 @@ fn run(
         run.export_final()?;
     }
     Ok(run.outcome)
+}
+
+#[cfg(test)]
+mod target_size_tests {
+    use super::*;
+
+    #[test]
+    fn the_target_size_time_id_comes_from_the_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let set = "data.target_size=[1288, 960]".to_string();
+        let mut config = TrainConfig::load(&root.join("configs/tiny.toml"), &[set]).unwrap();
+        config.model.base = root.join(&config.model.base);
+        config.model.image_encoder = root.join(&config.model.image_encoder);
+        let m = &config.model;
+        let device = Device::flex();
+        let encoders = Encoders::load(&m.base, &m.image_encoder, m.dtype, &device).unwrap();
+        let lcfg = loader_config(&config, &encoders);
+        assert_eq!(lcfg.recipe.fixed_target_size, Some((1288, 960)));
+        // The default is the value the reference's script builds.
+        assert_eq!(
+            TrainConfig::load(&root.join("configs/tiny.toml"), &[])
+                .unwrap()
+                .data
+                .target_size,
+            [1286, 960]
+        );
+    }
 }
