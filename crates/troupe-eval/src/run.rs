@@ -98,15 +98,20 @@ pub fn generate(
     let calls: Vec<&[Item]> = items.chunks(protocol.images_per_prompt).collect();
     let mut prepared = Vec::new();
     let mut features = BTreeMap::new();
-    let mut poses = Vec::new();
+    // Each prompt's pose is decoded once (every call of a prompt has the same size).
+    let mut poses: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
     for call in &calls {
         let s = settings(protocol, &call[0], pipeline.default_size)?;
         pipeline.check(&s)?;
-        let pose = protocol.prompts[call[0].prompt_index].pose.as_deref();
-        poses.push(
-            pose.map(|p| troupe_diffusion::control::read_pose(p, s.width, s.height))
-                .transpose()?,
-        );
+        let prompt = call[0].prompt_index;
+        if let Some(p) = protocol.prompts[prompt].pose.as_deref()
+            && !poses.contains_key(&prompt)
+        {
+            poses.insert(
+                prompt,
+                troupe_diffusion::control::read_pose(p, s.width, s.height)?,
+            );
+        }
         if !features.contains_key(&call[0].subjects) {
             let refs: Vec<Reference> = call[0]
                 .subjects
@@ -139,7 +144,7 @@ pub fn generate(
                 settings: &prepared[c],
                 characters: &features[&calls[c][0].subjects],
                 latents: None,
-                pose: poses[c].as_deref(),
+                pose: poses.get(&calls[c][0].prompt_index).map(Vec::as_slice),
             })
             .collect();
         let outputs = pipeline.generate_batch(requests, &mut |_, _| {})?;
