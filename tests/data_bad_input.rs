@@ -326,13 +326,17 @@ fn pack_names_the_manifest_line_and_leaves_nothing_behind() {
         DecodeLimits::default(),
     )
     .unwrap_err();
-    assert_eq!(
-        (errors[0].at.row, errors[0].at.unit),
-        (Some(3), "line"),
+    // Lines are packed in a seeded random order: the first bad line met stops the run, and
+    // the error names its line in the manifest.
+    let line = errors[0].at.row;
+    assert!(
+        errors[0].at.unit == "line" && matches!(line, Some(3 | 5)),
         "{errors:?}"
     );
     assert!(
-        errors[0].to_string().contains("manifest.jsonl: line 3"),
+        errors[0]
+            .to_string()
+            .contains(&format!("manifest.jsonl: line {}", line.unwrap())),
         "{}",
         errors[0]
     );
@@ -351,6 +355,7 @@ fn pack_names_the_manifest_line_and_leaves_nothing_behind() {
     )
     .unwrap();
     assert_eq!(report.rows, 3);
+    // Skipped lines are reported in manifest order, whatever order they were met in.
     let lines: Vec<_> = report
         .skipped
         .iter()

@@ -3,7 +3,10 @@
 use troupe_data::check::check_shards;
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{Loader, LoaderConfig};
-use troupe_data::pack::{OnBadLine, PackReport, pack_manifest, read_embedding_npy, read_npy_f32};
+use troupe_data::pack::{
+    OnBadLine, PackOptions, PackReport, pack_manifest, pack_manifest_with, read_embedding_npy,
+    read_npy_f32, shuffle_rows,
+};
 use troupe_data::plan::SizeRule;
 use troupe_data::recipe::{Dropout, RecipeConfig};
 use troupe_data::shard::{ShardReader, ShardWriterOptions, find_shards};
@@ -123,6 +126,84 @@ fn packed_rows_equal_their_inputs_and_check_clean() {
         }
     }
     assert_eq!(seen, 12);
+}
+
+/// Captions of the rows of the shards in `dir`, in row order, and the shards' bytes.
+fn rows_in_order(dir: &std::path::Path) -> (Vec<String>, Vec<Vec<u8>>) {
+    let shards = find_shards(&[dir.to_path_buf()]).unwrap();
+    let mut captions = Vec::new();
+    for path in &shards {
+        let reader = ShardReader::open(path).unwrap();
+        for g in 0..reader.num_row_groups() {
+            for (_, s) in reader.read_row_group(g).unwrap() {
+                captions.push(s.unwrap().caption);
+            }
+        }
+    }
+    let bytes = shards.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    (captions, bytes)
+}
+
+#[test]
+fn rows_are_packed_in_a_seeded_order_the_same_every_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_manifest_dataset(&dir.path().join("src"), &varied_rows(12));
+    // CRLF line breaks and blank lines: lines are found by their place in the file.
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.insert(2, "");
+    lines.insert(5, "  ");
+    std::fs::write(&manifest, lines.join("\r\n") + "\r\n\r\n").unwrap();
+    let pack = |seed: u64, out: &str| {
+        let options = PackOptions {
+            shards: small_groups(),
+            seed,
+            ..PackOptions::default()
+        };
+        let out = dir.path().join(out);
+        let report = pack_manifest_with(&manifest, &out, &options, None, &mut |_, _| {}).unwrap();
+        assert_eq!(report.rows, 12);
+        rows_in_order(&out)
+    };
+    let in_line_order: Vec<String> = (0..12).map(|i| format!("row {i}")).collect();
+    let (a, a_bytes) = pack(0, "a");
+    let mut want = in_line_order.clone();
+    shuffle_rows(0, &mut want);
+    assert_eq!(a, want, "rows in the order of shuffle_rows");
+    assert_ne!(a, in_line_order);
+    let (b, b_bytes) = pack(0, "b");
+    assert_eq!((&a, &a_bytes), (&b, &b_bytes), "same seed, same shards");
+    let (mut c, _) = pack(7, "c");
+    assert_ne!(c, a);
+    c.sort_by_key(|s| s[4..].parse::<u32>().unwrap());
+    assert_eq!(c, in_line_order, "another order of the same rows");
+    // `pack_manifest` is seed 0.
+    let out = dir.path().join("d");
+    pack_manifest(
+        &manifest,
+        &out,
+        small_groups(),
+        OnBadLine::Fail,
+        DecodeLimits::default(),
+    )
+    .unwrap();
+    assert_eq!(rows_in_order(&out).1, a_bytes);
+    // A problem names the line in the file (row 5 is line 8, after the two blank lines).
+    std::fs::write(dir.path().join("src/img/0005.png"), b"not a png").unwrap();
+    let options = PackOptions {
+        on_bad: OnBadLine::Skip,
+        seed: 3,
+        ..PackOptions::default()
+    };
+    let out = dir.path().join("e");
+    let report = pack_manifest_with(&manifest, &out, &options, None, &mut |_, _| {}).unwrap();
+    assert_eq!(report.rows, 11);
+    let skipped: Vec<_> = report
+        .skipped
+        .iter()
+        .map(|e| (e.at.row, e.at.field.as_deref()))
+        .collect();
+    assert_eq!(skipped, vec![(Some(8), Some("image"))]);
 }
 
 #[test]

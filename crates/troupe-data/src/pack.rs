@@ -10,9 +10,12 @@
 //! `keypoints` are 5 (x, y) pairs or 10 numbers in image pixels; `id` defaults to the image path;
 //! `pose` is optional. A character without `embedding`/`keypoints` gets them from an
 //! [`IdentityProvider`] (a face detector + recogniser) when one is given, else the line fails. Every row is fully validated (as `troupe data check` does) before it is
-//! written; image bytes are stored as given, masks as 8-bit grayscale PNG.
+//! written; image bytes are stored as given, masks as 8-bit grayscale PNG. Rows are written in
+//! a seeded random order ([`shuffle_rows`]), not in line order.
 
-use std::io::{BufRead, BufReader};
+use std::collections::HashMap;
+use std::collections::hash_map::Entry as MapEntry;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use image::{GrayImage, RgbImage};
@@ -21,6 +24,7 @@ use serde::Deserialize;
 use crate::check::check_sample;
 use crate::error::{DataError, Location, Result};
 use crate::image_io::{DecodeLimits, decode_gray, encode_png_gray, probe};
+use crate::rng::{KeyedRng, Purpose};
 use crate::schema::{Character, EMBEDDING_DIM, EncodedImage, Sample};
 use crate::shard::{ShardInfo, ShardWriter, ShardWriterOptions};
 
@@ -85,7 +89,7 @@ pub fn build_sample(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ManifestLine {
+struct ManifestEntry {
     image: String,
     caption: String,
     #[serde(default)]
@@ -223,7 +227,63 @@ pub fn write_shards(
     })
 }
 
-/// Packs a JSONL manifest into shards in `out` (every character's identity given in it).
+/// Puts rows in the order `pack` and `import-storymaker` write them: a permutation of the
+/// input drawn from `seed` (the same input and seed give the same shards, byte for byte).
+///
+/// Inputs are often sorted: StoryMaker's index lists its entries by person count, manifests
+/// by source. The loader only shuffles shards, row groups inside a shard and windows of
+/// `shuffle_window` rows, so rows written in input order would reach training as long runs of
+/// batches of one person count, where the reference shuffles its whole list every epoch.
+/// Written in a random order, every window of rows is a fair sample of the dataset.
+pub fn shuffle_rows<T>(seed: u64, rows: &mut [T]) {
+    KeyedRng::new(seed, Purpose::RowOrder, 0, 0).shuffle(rows);
+}
+
+/// Writes `items` (given in input order) in the order of [`shuffle_rows`], each turned into a
+/// row by `build`; rows left out (with [`OnBadLine::Skip`]) are reported in input order,
+/// whatever order they were met in. With [`OnBadLine::Fail`] the first bad item met stops the
+/// run (as [`write_shards`]).
+pub(crate) fn write_shuffled<T>(
+    out: &Path,
+    options: ShardWriterOptions,
+    on_bad: OnBadLine,
+    seed: u64,
+    items: Vec<T>,
+    mut build: impl FnMut(T) -> std::result::Result<Sample, Vec<DataError>>,
+) -> std::result::Result<PackReport, Vec<DataError>> {
+    let mut items: Vec<(usize, T)> = items.into_iter().enumerate().collect();
+    shuffle_rows(seed, &mut items);
+    let mut items = items.into_iter();
+    let mut skipped = Vec::new();
+    let mut report = write_shards(out, options, on_bad, || {
+        loop {
+            let (position, item) = items.next()?;
+            match build(item) {
+                Err(errors) if on_bad == OnBadLine::Skip => skipped.push((position, errors)),
+                result => return Some(result),
+            }
+        }
+    })?;
+    skipped.sort_by_key(|(position, _)| *position);
+    report.skipped = skipped.into_iter().flat_map(|(_, e)| e).collect();
+    Ok(report)
+}
+
+/// How to pack.
+#[derive(Debug, Clone, Default)]
+pub struct PackOptions {
+    /// Shard layout.
+    pub shards: ShardWriterOptions,
+    /// Fail on a bad line, or skip it (reported).
+    pub on_bad: OnBadLine,
+    /// Image size limits.
+    pub limits: DecodeLimits,
+    /// Seed of the order rows are written in ([`shuffle_rows`]; default 0).
+    pub seed: u64,
+}
+
+/// Packs a JSONL manifest into shards in `out` (every character's identity given in it), rows
+/// in the order of seed 0.
 pub fn pack_manifest(
     manifest: &Path,
     out: &Path,
@@ -231,69 +291,139 @@ pub fn pack_manifest(
     on_bad: OnBadLine,
     limits: DecodeLimits,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
-    pack_manifest_with(manifest, out, options, on_bad, limits, None, &mut |_, _| {})
+    let options = PackOptions {
+        shards: options,
+        on_bad,
+        limits,
+        seed: 0,
+    };
+    pack_manifest_with(manifest, out, &options, None, &mut |_, _| {})
 }
 
 /// Told `(done, total)` items (lines, entries, rows) as a long data command proceeds.
 pub type OnProgress<'a> = dyn FnMut(u64, u64) + 'a;
 
-/// [`pack_manifest`] with `identity` computing the identity of characters that lack one, and
-/// `progress` told the lines done of the manifest's non-empty lines.
+/// [`pack_manifest`] with all options, `identity` computing the identity of characters that
+/// lack one, and `progress` told the lines done of the manifest's non-empty lines.
+///
+/// Lines are written in the order of [`shuffle_rows`]; every problem names its line's number
+/// in the manifest. Ids must be unique: a line whose id an earlier line of the manifest already
+/// has is refused, whichever of the two is met first and whether or not the earlier one is
+/// packed, so the outcome does not depend on the seed.
 pub fn pack_manifest_with(
     manifest: &Path,
     out: &Path,
-    options: ShardWriterOptions,
-    on_bad: OnBadLine,
-    limits: DecodeLimits,
+    options: &PackOptions,
     identity: Option<&dyn IdentityProvider>,
     progress: &mut OnProgress<'_>,
 ) -> std::result::Result<PackReport, Vec<DataError>> {
-    // Counted streaming: a manifest of a million rows is hundreds of MB.
-    let counting = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
-    let total = BufReader::new(counting)
-        .split(b'\n')
-        .filter(|l| {
-            l.as_ref()
-                .is_ok_and(|l| !l.iter().all(u8::is_ascii_whitespace))
-        })
-        .count() as u64;
-    let mut done = 0u64;
-    let file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
+    let lines = manifest_lines(manifest).map_err(|e| vec![e])?;
+    let (total, mut done) = (lines.len() as u64, 0u64);
+    let mut file = std::fs::File::open(manifest).map_err(|e| vec![DataError::io(manifest, &e)])?;
     let base = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut lines = BufReader::new(file).lines().enumerate();
-    // Ids are keys (resume, references, evaluation protocols): one line each.
-    let mut ids: std::collections::HashMap<String, Location> = Default::default();
-    write_shards(out, options, on_bad, || {
-        loop {
-            let (i, line) = lines.next()?;
-            let at = Location::line(manifest, i as u64 + 1);
-            let line = match line {
-                Ok(l) => l,
-                Err(e) => {
-                    return Some(Err(vec![DataError::new(
-                        at,
-                        format!("cannot read line: {e}"),
-                    )]));
-                }
-            };
-            if line.trim().is_empty() {
-                continue;
-            }
-            let sample = sample_from_line(&line, &base, &at, limits, identity);
-            done += 1;
-            progress(done, total);
-            if let Ok(s) = &sample {
-                if let Some(first) = ids.get(&s.id) {
-                    return Some(Err(vec![DataError::new(
-                        at.field("id"),
-                        format!("duplicate id `{}`: also {first}", s.id),
-                    )]));
-                }
-                ids.insert(s.id.clone(), at.clone());
-            }
-            return Some(sample);
-        }
+    let (shards, on_bad) = (options.shards.clone(), options.on_bad);
+    write_shuffled(out, shards, on_bad, options.seed, lines, |line| {
+        let at = Location::line(manifest, line.number);
+        let sample = match &line.same_id_as {
+            // Ids are keys (resume, references, evaluation protocols): one line each.
+            Some((id, first)) => Err(vec![DataError::new(
+                at.field("id"),
+                format!(
+                    "duplicate id `{id}`: also {}",
+                    Location::line(manifest, *first)
+                ),
+            )]),
+            None => match line.read(&mut file) {
+                Ok(text) => sample_from_line(&text, &base, &at, options.limits, identity),
+                Err(e) => Err(vec![DataError::new(at, format!("cannot read line: {e}"))]),
+            },
+        };
+        done += 1;
+        progress(done, total);
+        sample
     })
+}
+
+/// A non-blank manifest line: where it is, not what it says (lines are read again when their
+/// turn comes, so a manifest of a million rows with inline embeddings is not held in memory).
+struct ManifestLine {
+    /// Line number, one-based.
+    number: u64,
+    /// Byte offset of the line in the manifest.
+    offset: u64,
+    /// Bytes, without the line break.
+    len: usize,
+    /// The line's id and the number of an earlier line with that id.
+    same_id_as: Option<(String, u64)>,
+}
+
+impl ManifestLine {
+    fn read(&self, file: &mut std::fs::File) -> std::io::Result<String> {
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut bytes = vec![0; self.len];
+        file.read_exact(&mut bytes)?;
+        String::from_utf8(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "stream did not contain valid UTF-8",
+            )
+        })
+    }
+}
+
+/// The manifest's non-blank lines in file order, each with the earlier line whose id it repeats
+/// (ids are found in file order, so which line of two is the duplicate does not depend on the
+/// order lines are packed in).
+fn manifest_lines(manifest: &Path) -> Result<Vec<ManifestLine>> {
+    /// A line's id as [`sample_from_line`] finds it: `id`, else `image`.
+    #[derive(Deserialize)]
+    struct Keys {
+        id: Option<String>,
+        image: Option<String>,
+    }
+    let file = std::fs::File::open(manifest).map_err(|e| DataError::io(manifest, &e))?;
+    let mut reader = BufReader::new(file);
+    let (mut lines, mut ids) = (Vec::new(), HashMap::<String, u64>::new());
+    let (mut buf, mut offset, mut number) = (Vec::new(), 0u64, 0u64);
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| {
+            DataError::new(
+                Location::line(manifest, number + 1),
+                format!("cannot read line: {e}"),
+            )
+        })?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        number += 1;
+        let start = offset;
+        offset += n as u64;
+        // Line breaks as `BufRead::lines` strips them: `\n` or `\r\n`.
+        let text = match buf.strip_suffix(b"\n") {
+            Some(t) => t.strip_suffix(b"\r").unwrap_or(t),
+            None => &buf[..],
+        };
+        if std::str::from_utf8(text).is_ok_and(|t| t.trim().is_empty()) {
+            continue;
+        }
+        let id = serde_json::from_slice::<Keys>(text)
+            .ok()
+            .and_then(|k| k.id.or(k.image));
+        let same_id_as = id.and_then(|id| match ids.entry(id) {
+            MapEntry::Occupied(e) => Some((e.key().clone(), *e.get())),
+            MapEntry::Vacant(e) => {
+                e.insert(number);
+                None
+            }
+        });
+        lines.push(ManifestLine {
+            number,
+            offset: start,
+            len: text.len(),
+            same_id_as,
+        });
+    }
 }
 
 fn sample_from_line(
@@ -304,7 +434,7 @@ fn sample_from_line(
     identity: Option<&dyn IdentityProvider>,
 ) -> std::result::Result<Sample, Vec<DataError>> {
     let one = |e: DataError| vec![e];
-    let entry: ManifestLine = serde_json::from_str(line).map_err(|e| {
+    let entry: ManifestEntry = serde_json::from_str(line).map_err(|e| {
         let (field, what) = bad_manifest_field(line).unwrap_or_default();
         let at = if field.is_empty() {
             at.clone()

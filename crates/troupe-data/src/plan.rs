@@ -5,7 +5,8 @@
 //! Order: shards are permuted per epoch, row groups are permuted inside each shard, and the
 //! resulting row stream is cut into windows of `shuffle_window` rows, each permuted. A window is
 //! the bounded in-memory shuffle buffer: the loader holds at most one window of encoded rows
-//! (plus partly filled batches). Rows are then grouped into batches of equal output size (the
+//! (plus partly filled batches). Being bounded, it cannot undo a sorted dataset: `pack` and
+//! `import-storymaker` write rows in a seeded random order ([`crate::pack::shuffle_rows`]). Rows are then grouped into batches of equal output size (the
 //! reference resize rule or aspect buckets); a partly filled group is completed by later rows,
 //! and at the end of the epoch every partial group is emitted as a smaller batch, so no row is
 //! ever dropped.

@@ -30,6 +30,8 @@ pub enum Purpose {
     Generate = 6,
     /// Validation loss: fixed noise per held-out batch.
     Validation = 7,
+    /// Order in which `data pack` and `data import-storymaker` write rows.
+    RowOrder = 8,
 }
 
 /// A small deterministic generator keyed by (seed, purpose, a, b).
