@@ -9,8 +9,11 @@ use troupe_data::DataError;
 use troupe_data::check::{check_shards_with, stats};
 use troupe_data::image_io::DecodeLimits;
 use troupe_data::loader::{BadRowPolicy, Loader, LoaderConfig};
+use troupe_data::ops::LibraryVersions;
 use troupe_data::pack::{OnBadLine, PackReport, pack_manifest_with};
 use troupe_data::plan::SizeRule;
+use troupe_data::preview::Dumper;
+use troupe_data::recipe::RecipeConfig;
 use troupe_data::shard::{ShardWriterOptions, find_shards};
 
 #[derive(Subcommand)]
@@ -41,6 +44,8 @@ pub enum DataCommand {
         root: Option<PathBuf>,
         #[command(flatten)]
         out: OutArgs,
+        #[command(flatten)]
+        versions: VersionsArg,
     },
     /// Validate every row of shards; exits non-zero if any problem is found.
     Check {
@@ -107,6 +112,17 @@ pub enum DataCommand {
         /// What to do with a row that cannot be used.
         #[arg(long, value_enum, default_value_t = BadRow::Fail)]
         on_bad_row: BadRow,
+        /// Also write each sample as files under DIR/<sample id>/: gt.png, body_<i>.png and
+        /// face_<i>.png (224², before CLIP normalisation), mask_<i>.png (the loss mask),
+        /// pose.png, and sample.json (crop boxes, keypoints, dropout, rotation angles).
+        #[arg(long, value_name = "DIR")]
+        dump: Option<PathBuf>,
+        /// No augmentation: body crops are not rotated and no conditioning is dropped (to
+        /// compare with the reference's dataset code).
+        #[arg(long)]
+        no_augment: bool,
+        #[command(flatten)]
+        versions: VersionsArg,
     },
     /// Benchmark the per-sample recipe (samples/s at 1 thread and at all cores) and the loader.
     Bench(crate::data::BenchArgs),
@@ -126,6 +142,33 @@ pub struct OutArgs {
     /// What to do with an input row that fails validation.
     #[arg(long, value_enum, default_value_t = BadRow::Fail)]
     on_bad_row: BadRow,
+    /// Seed of the row shuffle (rows are written in a seeded random order so batches mix person counts).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Whose image-library arithmetic the crops and resizes reproduce.
+#[derive(Args)]
+pub struct VersionsArg {
+    /// `storymaker`: OpenCV 4 and Pillow ≤ 12, what the reference was trained with (the
+    /// training default); `current`: OpenCV 5 and Pillow 13 (today's releases).
+    #[arg(long, value_enum, default_value_t = Versions::Storymaker)]
+    library_versions: Versions,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Versions {
+    Storymaker,
+    Current,
+}
+
+impl VersionsArg {
+    fn get(&self) -> LibraryVersions {
+        match self.library_versions {
+            Versions::Storymaker => LibraryVersions::default(),
+            Versions::Current => LibraryVersions::current(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -235,20 +278,29 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             report_pack(pack_manifest_with(
                 &manifest,
                 &out.out,
-                out.options(),
-                out.policy(),
-                limits,
+                &troupe_data::pack::PackOptions {
+                    shards: out.options(),
+                    on_bad: out.policy(),
+                    limits,
+                    seed: out.seed,
+                },
                 identity,
                 &mut crate::progress("lines"),
             ))
         }
-        DataCommand::ImportStorymaker { index, root, out } => {
+        DataCommand::ImportStorymaker {
+            index,
+            root,
+            out,
+            versions,
+        } => {
             let options = troupe_data::import::ImportOptions {
                 root,
                 shards: out.options(),
                 on_bad: out.policy(),
                 limits,
-                ..Default::default()
+                versions: versions.get(),
+                seed: out.seed,
             };
             report_pack(troupe_data::import::import_storymaker_with(
                 &index,
@@ -338,6 +390,9 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
             seed,
             bucket_area,
             on_bad_row,
+            dump,
+            no_augment,
+            versions,
         } => {
             if let Some(a) = bucket_area {
                 let max = DecodeLimits::default().max_pixels;
@@ -348,7 +403,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                 }
             }
             let shards = find_shards(&paths)?;
-            let config = LoaderConfig {
+            let mut config = LoaderConfig {
                 batch_size,
                 seed,
                 size_rule: bucket_area
@@ -357,9 +412,19 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                     BadRow::Fail => BadRowPolicy::Fail,
                     BadRow::Skip => BadRowPolicy::Skip,
                 },
+                recipe: RecipeConfig {
+                    versions: versions.get(),
+                    ..RecipeConfig::default()
+                },
                 ..LoaderConfig::default()
             };
+            if no_augment {
+                config.recipe = config.recipe.without_augmentation();
+            }
+            let recipe = config.recipe.clone();
             let mut loader = Loader::new(&shards, config)?;
+            let mut dumper = dump.as_ref().map(Dumper::new);
+            let mut dumped = 0;
             println!("{} rows in {} shard(s)", loader.num_rows(), shards.len());
             for _ in 0..batches {
                 let b = loader.next_batch()?;
@@ -378,6 +443,12 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
                     b.num_characters,
                     b.ids.join(",")
                 );
+                if let Some(d) = dumper.as_mut() {
+                    dumped += d.write_batch(&b, &recipe)?.len();
+                }
+            }
+            if let Some(dir) = &dump {
+                println!("wrote {dumped} sample(s) under {}", dir.display());
             }
             println!("position: {}", serde_json::to_string(loader.state())?);
             Ok(ExitCode::SUCCESS)

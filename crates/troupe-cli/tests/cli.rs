@@ -65,6 +65,80 @@ fn the_bundled_tiny_dataset_checks_clean_and_streams() {
     );
 }
 
+/// `data preview --dump` on the tiny dataset: every sample's files, and `sample.json` consistent
+/// with them; `--no-augment` leaves rotation and dropout out.
+#[test]
+fn preview_dumps_what_the_loader_produced() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = tiny();
+    let dump = |name: &str, extra: &[&str]| -> Vec<serde_json::Value> {
+        let out_dir = dir.path().join(name);
+        let mut args = vec![
+            "data",
+            "preview",
+            tiny.to_str().unwrap(),
+            "--batches",
+            "48",
+            "--batch-size",
+            "1",
+            "--dump",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let out = troupe(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("wrote 48 sample(s)"));
+        let mut samples = Vec::new();
+        for entry in std::fs::read_dir(&out_dir).unwrap() {
+            let d = entry.unwrap().path();
+            let text = std::fs::read_to_string(d.join("sample.json")).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(json["id"].as_str().unwrap(), d.file_name().unwrap());
+            let [w, h] = [0, 1].map(|k| json["size"][k].as_u64().unwrap() as u32);
+            let gt = image::open(d.join("gt.png")).unwrap();
+            assert_eq!((gt.width(), gt.height()), (w, h));
+            let n = json["characters"].as_array().unwrap().len();
+            for i in 0..n {
+                let mask = image::open(d.join(format!("mask_{i}.png"))).unwrap();
+                assert_eq!((mask.width(), mask.height()), (w / 8, h / 8));
+                let dropped = json["drop_image"].as_bool().unwrap();
+                for crop in ["body", "face"] {
+                    let path = d.join(format!("{crop}_{i}.png"));
+                    assert_eq!(path.exists(), !dropped, "{}", path.display());
+                }
+            }
+            assert!(!d.join(format!("mask_{n}.png")).exists());
+            samples.push(json);
+        }
+        assert_eq!(samples.len(), 48);
+        samples
+    };
+    let rotations = |samples: &[serde_json::Value]| -> Vec<f64> {
+        samples
+            .iter()
+            .flat_map(|s| s["characters"].as_array().unwrap().clone())
+            .map(|c| c["rotation_degrees"].as_f64().unwrap())
+            .collect()
+    };
+    let drops = |samples: &[serde_json::Value]| {
+        samples
+            .iter()
+            .filter(|s| s["drop_image"] == true || s["drop_text"] == true)
+            .count()
+    };
+    let augmented = dump("augmented", &[]);
+    assert!(rotations(&augmented).iter().all(|r| r.abs() <= 10.0));
+    assert!(rotations(&augmented).iter().any(|r| r.abs() > 0.1));
+    assert!(drops(&augmented) > 0, "48 samples at 30 % dropout");
+    let plain = dump("plain", &["--no-augment"]);
+    assert!(rotations(&plain).iter().all(|r| *r == 0.0));
+    assert_eq!(drops(&plain), 0);
+}
+
 #[test]
 fn check_exits_non_zero_naming_file_row_and_field() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod ops;
 pub mod pack;
 pub mod plan;
+pub mod preview;
 pub mod recipe;
 pub mod rng;
 pub mod schema;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{DataError, Location, Result};
 use crate::image_io::DecodeLimits;
 use crate::plan::{DatasetIndex, EpochPlan, PlanOptions, RowRef, SizeRule, plan_epoch};
-use crate::recipe::{self, ProcessedSample, RecipeConfig, Scratch};
+use crate::recipe::{self, ProcessedSample, RecipeConfig, SampleTrace, Scratch};
 use crate::rng::{KeyedRng, Purpose};
 use crate::schema::{EMBEDDING_DIM, Sample};
 use crate::shard::ShardReader;
@@ -133,6 +133,8 @@ pub struct Batch {
     pub drop_text: Vec<bool>,
     /// SDXL micro-conditioning (original h, w, crop top, crop left, target h, w), `[B, 6]`.
     pub time_ids: Vec<f32>,
+    /// What the recipe decided per sample (crop boxes, keypoints, rotations), `B`.
+    pub traces: Vec<SampleTrace>,
 }
 
 impl Batch {
@@ -680,6 +682,7 @@ fn assemble(epoch: u64, index: u64, samples: Vec<ProcessedSample>, cfg: &RecipeC
         drop_image: Vec::with_capacity(b),
         drop_text: Vec::with_capacity(b),
         time_ids: Vec::with_capacity(b * 6),
+        traces: Vec::with_capacity(b),
     };
     for (i, s) in samples.into_iter().enumerate() {
         batch.pixels.extend_from_slice(&s.pixels);
@@ -708,6 +711,7 @@ fn assemble(epoch: u64, index: u64, samples: Vec<ProcessedSample>, cfg: &RecipeC
         batch.drop_image.push(s.drop_image);
         batch.drop_text.push(s.drop_text);
         batch.time_ids.extend_from_slice(&s.time_ids);
+        batch.traces.push(s.trace);
     }
     batch
 }

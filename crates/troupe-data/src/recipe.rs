@@ -96,6 +96,22 @@ impl Default for RecipeConfig {
     }
 }
 
+impl RecipeConfig {
+    /// The same recipe without random augmentation: no body-crop rotation and no conditioning
+    /// dropout (what `troupe data preview --no-augment` compares with the reference).
+    pub fn without_augmentation(self) -> Self {
+        Self {
+            max_rotation_degrees: 0.0,
+            dropout: Dropout {
+                image: 0.0,
+                text: 0.0,
+                both: 0.0,
+            },
+            ..self
+        }
+    }
+}
+
 /// One character after the recipe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessedCharacter {
@@ -107,6 +123,35 @@ pub struct ProcessedCharacter {
     pub clip_face: Option<Vec<f32>>,
     /// Soft mask at latent resolution in [0, 1], `[H/8, W/8]`.
     pub mask: Vec<f32>,
+}
+
+/// What the recipe decided for one sample, for inspection (`troupe data preview --dump` writes
+/// it to `sample.json`); small, no tensors.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SampleTrace {
+    /// Source image size (width, height).
+    pub source_size: (u32, u32),
+    /// The region of the source image resized to the output, x, y, w, h (the whole image under
+    /// the reference resize rule; a centre crop for aspect buckets).
+    pub source_crop: [u32; 4],
+    /// Per character, in slot order.
+    pub characters: Vec<CharacterTrace>,
+}
+
+/// The recipe's decisions for one character: where it cropped and how it rotated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CharacterTrace {
+    /// Crop box x0, y0, x1, y1 (exclusive) in source-image pixels (the soft mask's bounding
+    /// box, the reference's `bounding_rectangle`).
+    pub crop_box: [u32; 4],
+    /// Face keypoints (x, y) in source-image pixels, as stored in the shard.
+    pub keypoints: [[f32; 2]; 5],
+    /// The same keypoints relative to the crop box: what the face alignment uses (the
+    /// reference's `.bin` keypoints).
+    pub crop_keypoints: [[f32; 2]; 5],
+    /// Body-crop rotation drawn, in degrees (drawn even when the image conditioning is dropped,
+    /// so the random stream does not depend on it; then unused).
+    pub rotation_degrees: f64,
 }
 
 /// One sample after the recipe.
@@ -132,6 +177,8 @@ pub struct ProcessedSample {
     pub drop_text: bool,
     /// SDXL time ids.
     pub time_ids: [f32; 6],
+    /// Crop boxes, keypoints and rotations.
+    pub trace: SampleTrace,
 }
 
 /// Reusable per-thread buffers (the resizer keeps its coefficient caches).
@@ -203,6 +250,11 @@ pub fn process(
     let (mw, mh) = (w / cfg.latent_downsample, h / cfg.latent_downsample);
     let s = cfg.crop_size;
     let mut characters = Vec::with_capacity(sample.characters.len());
+    let mut trace = SampleTrace {
+        source_size: (sample.width, sample.height),
+        source_crop: target.crop,
+        characters: Vec::with_capacity(sample.characters.len()),
+    };
     for (i, character) in sample.characters.iter().enumerate() {
         let field = |name: &str| at.field(format!("{}[{i}].{name}", col::CHARACTERS));
         let mask = decode_gray(&character.mask.bytes, &field(col::MASK), limits)?;
@@ -231,19 +283,25 @@ pub fn process(
             mw,
             mh,
         );
+        let [x0, y0, x1, y1] = soft.bbox;
+        // Keypoints are stored in image pixels; the reference's are relative to the crop.
+        let mut t = CharacterTrace {
+            crop_box: soft.bbox,
+            keypoints: [[0.0; 2]; 5],
+            crop_keypoints: [[0.0; 2]; 5],
+            rotation_degrees: angles[i],
+        };
+        for (k, p) in character.keypoints.chunks_exact(2).enumerate() {
+            t.keypoints[k] = [p[0], p[1]];
+            t.crop_keypoints[k] = [p[0] - x0 as f32, p[1] - y0 as f32];
+        }
         let (clip_body, clip_face, embedding) = if drop_image {
             (None, None, vec![0.0; schema::EMBEDDING_DIM])
         } else {
-            let [x0, y0, x1, y1] = soft.bbox;
             let crop = image::imageops::crop_imm(&image, x0, y0, x1 - x0, y1 - y0).to_image();
             let mcrop = image::imageops::crop_imm(&soft.mask, x0, y0, x1 - x0, y1 - y0).to_image();
             let white = ops::composite_on_white(&crop, &mcrop);
-            // Keypoints are stored in image pixels; the reference's are relative to this crop.
-            let mut kps = [[0f32; 2]; 5];
-            for (k, p) in character.keypoints.chunks_exact(2).enumerate() {
-                kps[k] = [p[0] - x0 as f32, p[1] - y0 as f32];
-            }
-            let face = ops::norm_crop_with(&white, &kps, s, cfg.versions.warp);
+            let face = ops::norm_crop_with(&white, &t.crop_keypoints, s, cfg.versions.warp);
             let rotated = ops::rotate_nearest(&white, angles[i], [255, 255, 255]);
             let body = resize(
                 scratch,
@@ -270,6 +328,7 @@ pub fn process(
             clip_face,
             mask: loss_mask,
         });
+        trace.characters.push(t);
     }
 
     let pose = match &sample.pose {
@@ -340,6 +399,7 @@ pub fn process(
         drop_image,
         drop_text,
         time_ids,
+        trace,
     })
 }
 

@@ -111,6 +111,49 @@ pub fn to_unit(img: &RgbImage, out: &mut [f32]) {
     to_chw(img, out, Conv::Unit, "to_unit");
 }
 
+/// The 8-bit CHW image whose conversion by `conv` is `chw` (exact for values the conversion
+/// produced: neighbouring levels are ≥ 1/255 apart after any of them, far above f32 rounding).
+fn from_chw(chw: &[f32], width: u32, height: u32, conv: Conv) -> RgbImage {
+    let n = width as usize * height as usize;
+    assert_eq!(chw.len(), 3 * n, "from_chw: input must hold 3*w*h values");
+    RgbImage::from_fn(width, height, |x, y| {
+        let i = y as usize * width as usize + x as usize;
+        image::Rgb(std::array::from_fn(|c| {
+            let v = chw[c * n + i] as f64;
+            let level = match conv {
+                Conv::Clip => (v * CLIP_STD[c] + CLIP_MEAN[c]) * 255.0,
+                Conv::Unit => v * 255.0,
+                Conv::Signed => (v + 1.0) * 127.5,
+            };
+            level.round().clamp(0.0, 255.0) as u8
+        }))
+    })
+}
+
+/// Inverse of [`clip_normalize`]: the 224² crop as the 8-bit image the CLIP encoder was given.
+///
+/// # Panics
+/// If `chw.len() != 3·w·h`.
+pub fn clip_denormalize(chw: &[f32], width: u32, height: u32) -> RgbImage {
+    from_chw(chw, width, height, Conv::Clip)
+}
+
+/// Inverse of [`to_signed_unit`].
+///
+/// # Panics
+/// If `chw.len() != 3·w·h`.
+pub fn from_signed_unit(chw: &[f32], width: u32, height: u32) -> RgbImage {
+    from_chw(chw, width, height, Conv::Signed)
+}
+
+/// Inverse of [`to_unit`].
+///
+/// # Panics
+/// If `chw.len() != 3·w·h`.
+pub fn from_unit(chw: &[f32], width: u32, height: u32) -> RgbImage {
+    from_chw(chw, width, height, Conv::Unit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::testutil::*;
@@ -158,6 +201,18 @@ mod tests {
             to_chw_body(img.as_raw(), n, &mut b, conv);
             assert_eq!(a, b);
         }
+    }
+
+    #[test]
+    fn inverses_recover_every_level() {
+        let img = ramp();
+        let mut v = vec![0f32; 3 * 256];
+        clip_normalize(&img, &mut v);
+        assert_eq!(clip_denormalize(&v, 16, 16), img);
+        to_unit(&img, &mut v);
+        assert_eq!(from_unit(&v, 16, 16), img);
+        to_signed_unit(&img, &mut v);
+        assert_eq!(from_signed_unit(&v, 16, 16), img);
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub mod geometry;
 pub mod morph;
 pub mod resize;
 
-pub use color::{CLIP_MEAN, CLIP_STD, clip_normalize, to_signed_unit, to_unit};
+pub use color::{
+    CLIP_MEAN, CLIP_STD, clip_denormalize, clip_normalize, from_signed_unit, from_unit,
+    to_signed_unit, to_unit,
+};
 pub use geometry::{
     ARCFACE_TEMPLATE_112, Affine, WarpImpl, arcface_template, estimate_norm, invert_affine,
     norm_crop, norm_crop_with, rotate_nearest, similarity_transform, warp_affine,
