@@ -1,19 +1,11 @@
 #!/usr/bin/env python3
 """Reference values of StoryMaker's losses (storymaker.md §5.2) for troupe-train's test.
 
-Writes crates/troupe-train/tests/fixtures/objective.safetensors with two cases; both are
-computed per image as the reference does (its batch size is 1, train_storymaker.py:221), then
-averaged over the batch (Troupe's convention for B > 1).
+Writes crates/troupe-train/tests/fixtures/objective.safetensors with two cases, both computed
+by the reference's own code (below) per image, as the reference does (its batch size is 1,
+train_storymaker.py:221), then averaged over the batch (Troupe's convention for B > 1).
 
-* Unprefixed keys (`pred`, `masks`, `layer0`, …, `attn_loss`): the original small case, latent
-  8×8, masks 8×8, two attention layers at 4×4, computed by this script's own re-statement of the
-  losses (`noise_loss_one`, `attn_loss_one`). Kept unchanged (same seed, same values). NOTE: it
-  does not follow the reference's mask-resizing step: `attn_loss_one` resizes the masks to twice
-  the layer size (8×8 → 8×8, a no-op) where the reference resizes them to half their own size
-  (train_storymaker.py:622, 8×8 → 4×4), and the reference would then skip 4×4 layers altogether
-  (train_storymaker.py:637-641: only layers smaller than the mask count). So this case checks
-  Troupe's formula with masks already at 2× the layer size, not a configuration the reference
-  runs.
+* `small.*` keys: latent 8×8, B = 2 with 2 and 1 characters, nothing dropped.
 
 * `real_res.*` keys: the training configuration. Latent 16×12 (H×W), masks at latent size as the
   reference's data set makes them (mp_dataset.py:125-126,326: image size // 8 when
@@ -52,55 +44,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "crates/troupe-train/tests/fixtures/objective.safetensors")
-
-
-# ---------------------------------------------------------------------------------------------
-# Original case (unprefixed keys): this script's own statement of the losses; see the docstring.
-# ---------------------------------------------------------------------------------------------
-def original_case():
-    torch.manual_seed(0)
-    B, C, H, W, T = 2, 2, 8, 8, 3  # batch, character slots, latent size, tokens per slot
-    chars = [2, 1]
-    pred, target = torch.randn(B, 4, H, W), torch.randn(B, 4, H, W)
-    masks = torch.rand(B, C, H, W)
-    masks[1, 1] = 0.0  # sample 1 has one character: its second slot is padding
-    keep = torch.tensor([1.0, 0.0])
-    layers = [torch.softmax(torch.randn(B, (1 + C) * T, (H // 2) * (W // 2)), dim=1) for _ in range(2)]
-    # sample 1 only has (1 + 1) slots of tokens; its padded slot's probabilities are zero
-    for l in layers:
-        l[1, (1 + chars[1]) * T:] = 0.0
-        l[1] = l[1] / l[1].sum(0, keepdim=True)
-
-    def noise_loss_one(p, t, m, kept, w=5.0):
-        e = (p - t) ** 2
-        if kept:
-            e = e + w * e * m.sum(0, keepdim=True).clamp(0, 1)
-        return e.mean()
-
-    def attn_loss_one(probs, m, n):
-        h, w = H // 2, W // 2
-        # Not the reference's step (train_storymaker.py:622 resizes to half the mask size):
-        # here the 8×8 masks are "resized" to 8×8, a no-op. See the docstring.
-        mm = F.interpolate(m[None], size=(2 * h, 2 * w), mode="bilinear")[0]
-        acc = None
-        for p in probs:
-            a = F.interpolate(p.reshape(1, -1, h, w), size=(2 * h, 2 * w), mode="bilinear")[0]
-            slots = torch.stack([a[s * T:(s + 1) * T].sum(0) for s in range(1 + n)])
-            acc = slots if acc is None else acc + slots
-        acc = acc / len(probs)
-        loss = sum(((acc[1 + i] - mm[i]) ** 2).mean() for i in range(n))
-        loss = loss + ((acc[0] - (1 - mm[:n].sum(0).clamp(0, 1))) ** 2).mean()
-        return loss / n
-
-    noise = torch.stack([noise_loss_one(pred[b], target[b], masks[b, :chars[b]], keep[b] > 0) for b in range(B)]).mean()
-    attn = torch.stack([attn_loss_one([l[b] for l in layers], masks[b], chars[b]) for b in range(B)]).mean()
-    print("original: noise", noise.item(), "attn", attn.item())
-    return {"pred": pred, "target": target, "masks": masks, "keep": keep, "layer0": layers[0].contiguous(),
-            "layer1": layers[1].contiguous(), "noise_loss": noise.reshape(1), "attn_loss": attn.reshape(1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,23 +89,25 @@ def sdxl_ip_attn_names():
     return out
 
 
-def real_res_case(storymaker):
-    get_loss_ip_code, noise_block_code = reference_nodes(storymaker)
-    names = sdxl_ip_attn_names()
-    g = torch.Generator().manual_seed(1)
-    B, C, H, W, T = 2, 3, 16, 12, 3  # batch, character slots, latent size (H×W), tokens per slot
-    chars = [3, 2]
-    drop = [False, True]  # sample 1's image conditioning is dropped (plain noise MSE)
+def reference_case(code, names, prefix, seed, H, W, chars, drop):
+    """One batch (latent H×W, `chars[b]` characters and image dropout `drop[b]` per sample)
+    through the reference's code; the keys start with `prefix`."""
+    get_loss_ip_code, noise_block_code = code
+    g = torch.Generator().manual_seed(seed)
+    B, C, T = len(chars), max(chars), 3  # batch, character slots, tokens per slot
     pred, target = torch.randn(B, 4, H, W, generator=g), torch.randn(B, 4, H, W, generator=g)
     masks = torch.rand(B, C, H, W, generator=g)
-    masks[1, 2] = 0.0  # sample 1 has two characters: its third slot is padding
+    for b in range(B):
+        masks[b, chars[b]:] = 0.0  # padded slots
     keep = torch.tensor([0.0 if d else 1.0 for d in drop])
     probs = {}
     for name, down in names:
         hw = (H // down) * (W // down)
         p = torch.softmax(torch.randn(B, (1 + C) * T, hw, generator=g), dim=1)
-        p[1, (1 + chars[1]) * T:] = 0.0  # sample 1's padded slot gets no probability
-        p[1] = p[1] / p[1].sum(0, keepdim=True)
+        for b in range(B):  # padded slots get no probability
+            if chars[b] < C:
+                p[b, (1 + chars[b]) * T:] = 0.0
+                p[b] = p[b] / p[b].sum(0, keepdim=True)
         probs[name] = p
     quarter = [name for name, down in names if down == 4]
     assert len(quarter) == 60 and len(names) == 70, (len(quarter), len(names))
@@ -185,26 +134,25 @@ def real_res_case(storymaker):
 
     noise = torch.stack(noise_losses).mean()
     attn = torch.stack(attn_losses).mean()
-    print("real_res: noise", noise.item(), "attn", attn.item(), "per image", [a.item() for a in attn_losses])
-    return {
-        "real_res.pred": pred, "real_res.target": target, "real_res.masks": masks, "real_res.keep": keep,
-        "real_res.characters": torch.tensor(chars, dtype=torch.float32),
-        "real_res.layers": torch.stack([probs[name] for name in quarter]).contiguous(),
-        "real_res.noise_loss": noise.reshape(1), "real_res.attn_loss": attn.reshape(1),
+    print(f"{prefix}: noise", noise.item(), "attn", attn.item(), "per image", [a.item() for a in attn_losses])
+    out = {
+        "pred": pred, "target": target, "masks": masks, "keep": keep,
+        "characters": torch.tensor(chars, dtype=torch.float32),
+        "layers": torch.stack([probs[name] for name in quarter]).contiguous(),
+        "noise_loss": noise.reshape(1), "attn_loss": attn.reshape(1),
     }
+    return {f"{prefix}.{k}": v for k, v in out.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--storymaker", required=True, help="checkout of RedAIGC/StoryMaker (train_storymaker.py)")
     a = ap.parse_args()
-    tensors = original_case()
-    tensors.update(real_res_case(a.storymaker))
-    if os.path.exists(OUT):  # the original case must not move
-        old = load_file(OUT)
-        for k, v in old.items():
-            if not k.startswith("real_res."):
-                assert torch.equal(v, tensors[k]), f"original case changed: {k}"
+    code, names = reference_nodes(a.storymaker), sdxl_ip_attn_names()
+    # The training configuration: a non-square latent, 3 and 2 characters, one image dropped.
+    tensors = reference_case(code, names, "real_res", 1, 16, 12, chars=[3, 2], drop=[False, True])
+    # A square latent, 2 and 1 characters, nothing dropped.
+    tensors.update(reference_case(code, names, "small", 2, 8, 8, chars=[2, 1], drop=[False, False]))
     save_file(tensors, OUT)
     print("wrote", os.path.normpath(OUT))
 

@@ -4,8 +4,8 @@
 //!   `e ← e + w·e·M` with `M = clamp(Σᵢ maskᵢ, 0, 1)` where the image was not dropped, then the
 //!   mean over everything (optionally min-SNR weighted per sample);
 //! * **attention loss**: for the chosen cross-attention layers, each layer's image-attention
-//!   probabilities `(B, N_ip, hw)` are upsampled ×2 (bilinear) to the mask resolution (masks
-//!   are downsampled ×½ from the latent size), summed over each slot's tokens (background slot 0,
+//!   probabilities `(B, N_ip, hw)` are upsampled (bilinear; ×2 for the latent/4 layers of
+//!   training) to half the latent size, where the masks are downsampled ×½ from the latent size, summed over each slot's tokens (background slot 0,
 //!   character slot 1+i), averaged over layers, and compared with the character masks and the
 //!   background `1 − clamp(Σᵢ maskᵢ, 0, 1)` by MSE: `(Σᵢ mseᵢ + mse_bg) / N` per image with
 //!   N characters, then the batch mean.
@@ -53,16 +53,18 @@ pub fn attention_loss(
     tokens_per_slot: usize,
 ) -> Tensor<1> {
     let device = masks.device();
-    let [b, c, _, _] = masks.dims();
+    let [b, c, mh, mw] = masks.dims();
     let [lh, lw] = layer_size;
-    let target_size = [2 * lh, 2 * lw];
+    // Compared at half the latent (train_storymaker.py:622, `lsh // 2`), whatever the layers'
+    // size: they are upsampled to it (×2 for the latent/4 layers of training).
+    let target_size = [mh / 2, mw / 2];
     // Masks ×½ of the latent, as the reference (bilinear, half-pixel centres).
     let masks = interpolate(
         masks,
         InterpolateOptions::new(InterpolateMode::Bilinear)
             .with_align_corners(false)
             .with_output_size(target_size),
-    ); // [B, C, 2lh, 2lw]
+    ); // [B, C, H/2, W/2]
     let slots = 1 + c;
     let mut sum: Option<Tensor<4>> = None;
     for probs in layers {
@@ -73,13 +75,13 @@ pub fn attention_loss(
             InterpolateOptions::new(InterpolateMode::Bilinear)
                 .with_align_corners(false)
                 .with_output_size(target_size),
-        ); // [B, N_ip, 2lh, 2lw]
+        ); // [B, N_ip, H/2, W/2]
         // Sum over each slot's tokens; samples with fewer characters have fewer slots, so pad.
         let have = n_ip / tokens_per_slot;
         let per_slot = p
             .reshape([b, have, tokens_per_slot, target_size[0], target_size[1]])
             .sum_dim(2)
-            .reshape([b, have, target_size[0], target_size[1]]); // [B, slots', 2lh, 2lw]
+            .reshape([b, have, target_size[0], target_size[1]]); // [B, slots', H/2, W/2]
         let per_slot = if have < slots {
             let pad = Tensor::zeros([b, slots - have, target_size[0], target_size[1]], &device);
             Tensor::cat(vec![per_slot, pad], 1)
@@ -94,7 +96,7 @@ pub fn attention_loss(
     let Some(sum) = sum else {
         return Tensor::zeros([1], &device);
     };
-    let maps = sum.div_scalar(layers.len() as f64); // [B, 1+C, 2lh, 2lw]
+    let maps = sum.div_scalar(layers.len() as f64); // [B, 1+C, H/2, W/2]
     let bg_target = masks
         .clone()
         .sum_dim(1)
