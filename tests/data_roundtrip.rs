@@ -31,15 +31,20 @@ fn packed(
     let rows = varied_rows(12);
     let manifest = write_manifest_dataset(&dir.join("src"), &rows);
     let out = dir.join("shards");
-    let report = pack_manifest(
-        &manifest,
-        &out,
+    let report = pack_small_groups(&manifest, &out);
+    (rows, out, report)
+}
+
+/// `pack_manifest` (seed 0) into small row groups, failing on any bad line.
+fn pack_small_groups(manifest: &std::path::Path, out: &std::path::Path) -> PackReport {
+    pack_manifest(
+        manifest,
+        out,
         small_groups(),
         OnBadLine::Fail,
         DecodeLimits::default(),
     )
-    .unwrap();
-    (rows, out, report)
+    .unwrap()
 }
 
 #[test]
@@ -179,14 +184,7 @@ fn rows_are_packed_in_a_seeded_order_the_same_every_time() {
     assert_eq!(c, in_line_order, "another order of the same rows");
     // `pack_manifest` is seed 0.
     let out = dir.path().join("d");
-    pack_manifest(
-        &manifest,
-        &out,
-        small_groups(),
-        OnBadLine::Fail,
-        DecodeLimits::default(),
-    )
-    .unwrap();
+    pack_small_groups(&manifest, &out);
     assert_eq!(rows_in_order(&out).1, a_bytes);
     // A problem names the line in the file (row 5 is line 8, after the two blank lines).
     std::fs::write(dir.path().join("src/img/0005.png"), b"not a png").unwrap();
