@@ -142,7 +142,8 @@ pub struct OutArgs {
     /// What to do with an input row that fails validation.
     #[arg(long, value_enum, default_value_t = BadRow::Fail)]
     on_bad_row: BadRow,
-    /// Seed of the row shuffle (rows are written in a seeded random order so batches mix person counts).
+    /// Seed of the row order: rows are written in a seeded random order, so that the loader's
+    /// bounded shuffle still gives batches that mix person counts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
