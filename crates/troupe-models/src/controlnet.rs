@@ -174,14 +174,9 @@ pub struct ControlNetModel {
     pub mid_block: MidBlock,
     /// Zero 1×1 conv on the mid block's output.
     pub controlnet_mid_block: Conv2d,
-    /// `block_out_channels[0]` (timestep sinusoid width).
-    pub time_proj_dim: usize,
-    /// `addition_time_embed_dim` (0 without `text_time`).
-    pub add_time_proj_dim: usize,
-    /// Sinusoid order.
-    pub flip_sin_to_cos: bool,
-    /// Sinusoid frequency shift.
-    pub freq_shift: f64,
+    /// The embeddings' sinusoid settings.
+    #[module(skip)]
+    pub sinusoid: Sinusoid,
     /// The conditioning image arrives as BGR and is flipped to RGB.
     pub bgr: bool,
 }
@@ -198,13 +193,7 @@ impl ControlNetModel {
         let mid_block = b.mid_block(unet, &specs).expect("validated");
         let ch = &unet.block_out_channels;
         let temb = unet.time_embed_dim();
-        let add_embedding = (unet.addition_embed_type.as_deref() == Some("text_time")).then(|| {
-            TimestepEmbedding::new(
-                unet.projection_class_embeddings_input_dim.unwrap_or(0),
-                temb,
-                device,
-            )
-        });
+        let add_embedding = unet.add_embedding(device);
         let mut model = Self {
             conv_in: conv2d(unet.in_channels, ch[0], 3, 1, 1, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
@@ -219,10 +208,7 @@ impl ControlNetModel {
             controlnet_down_blocks: Vec::new(),
             mid_block,
             controlnet_mid_block: conv2d(ch[ch.len() - 1], ch[ch.len() - 1], 1, 1, 0, device),
-            time_proj_dim: ch[0],
-            add_time_proj_dim: unet.addition_time_embed_dim.unwrap_or(0),
-            flip_sin_to_cos: unet.flip_sin_to_cos,
-            freq_shift: unet.freq_shift,
+            sinusoid: unet.sinusoid(),
             bgr: config.controlnet_conditioning_channel_order == "bgr",
         };
         model.controlnet_down_blocks = model
@@ -311,7 +297,7 @@ impl ControlNetModel {
         }
         let width = |e: Option<&TimestepEmbedding>| e.map(|e| e.input_width());
         if width(self.add_embedding.as_ref()) != width(unet.add_embedding.as_ref())
-            || self.add_time_proj_dim != unet.add_time_proj_dim
+            || self.sinusoid.add_time_dim != unet.sinusoid.add_time_dim
         {
             return Err(ConfigError::new(
                 path,
@@ -336,16 +322,10 @@ impl ControlNetModel {
         } = input;
         let dtype = self.conv_in.weight.val().dtype();
         let context = encoder_hidden_states.cast(dtype);
-        let sinusoid = Sinusoid {
-            time_dim: self.time_proj_dim,
-            add_time_dim: self.add_time_proj_dim,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-        };
         let emb = embed_time(
             &self.time_embedding,
             self.add_embedding.as_ref(),
-            sinusoid,
+            self.sinusoid,
             timestep,
             text_embeds,
             time_ids,

@@ -458,6 +458,27 @@ impl UNet2DConditionConfig {
     pub fn time_embed_dim(&self) -> usize {
         4 * self.block_out_channels[0]
     }
+
+    /// The sinusoid settings of the timestep and time-id embeddings.
+    pub fn sinusoid(&self) -> Sinusoid {
+        Sinusoid {
+            time_dim: self.block_out_channels[0],
+            add_time_dim: self.addition_time_embed_dim.unwrap_or(0),
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+        }
+    }
+
+    /// SDXL's `add_embedding` (for `addition_embed_type = "text_time"`; `None` otherwise).
+    pub(crate) fn add_embedding(&self, device: &Device) -> Option<TimestepEmbedding> {
+        (self.addition_embed_type.as_deref() == Some("text_time")).then(|| {
+            TimestepEmbedding::new(
+                self.projection_class_embeddings_input_dim.unwrap_or(0),
+                self.time_embed_dim(),
+                device,
+            )
+        })
+    }
 }
 
 /// `TimestepEmbedding`: `linear_2(silu(linear_1(x)))`.
@@ -620,13 +641,15 @@ impl MidBlock {
 }
 
 /// The sinusoid settings of the timestep and SDXL time-id embeddings.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Sinusoid {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sinusoid {
     /// Width of the timestep sinusoid (`block_out_channels[0]`).
     pub time_dim: usize,
-    /// Width of each time-id sinusoid (`addition_time_embed_dim`).
+    /// Width of each time-id sinusoid (`addition_time_embed_dim`; 0 without `text_time`).
     pub add_time_dim: usize,
+    /// Sinusoid order (`flip_sin_to_cos`).
     pub flip_sin_to_cos: bool,
+    /// Frequency shift (`freq_shift`).
     pub freq_shift: f64,
 }
 
@@ -739,14 +762,9 @@ pub struct UNet2DConditionModel {
     pub conv_norm_out: GroupNorm,
     /// 3×3 conv to output channels.
     pub conv_out: Conv2d,
-    /// `block_out_channels[0]` (timestep sinusoid width).
-    pub time_proj_dim: usize,
-    /// `addition_time_embed_dim` (0 without `text_time`).
-    pub add_time_proj_dim: usize,
-    /// Sinusoid order.
-    pub flip_sin_to_cos: bool,
-    /// Sinusoid frequency shift.
-    pub freq_shift: f64,
+    /// The embeddings' sinusoid settings.
+    #[module(skip)]
+    pub sinusoid: Sinusoid,
 }
 
 /// Builds resnets and transformers with one config's settings, numbering attention processors
@@ -888,14 +906,7 @@ impl UNet2DConditionModel {
         let mid_block = b.mid_block(config, &specs);
 
         let temb = config.time_embed_dim();
-        let add_embedding = match config.addition_embed_type.as_deref() {
-            Some("text_time") => Some(TimestepEmbedding::new(
-                config.projection_class_embeddings_input_dim.unwrap_or(0),
-                temb,
-                device,
-            )),
-            _ => None,
-        };
+        let add_embedding = config.add_embedding(device);
         Ok(Self {
             conv_in: conv2d(config.in_channels, ch[0], 3, 1, 1, device),
             time_embedding: TimestepEmbedding::new(ch[0], temb, device),
@@ -905,10 +916,7 @@ impl UNet2DConditionModel {
             mid_block,
             conv_norm_out: group_norm(config.norm_num_groups, ch[0], config.norm_eps, device),
             conv_out: conv2d(ch[0], config.out_channels, 3, 1, 1, device),
-            time_proj_dim: ch[0],
-            add_time_proj_dim: config.addition_time_embed_dim.unwrap_or(0),
-            flip_sin_to_cos: config.flip_sin_to_cos,
-            freq_shift: config.freq_shift,
+            sinusoid: config.sinusoid(),
         })
     }
 
@@ -1048,16 +1056,6 @@ impl UNet2DConditionModel {
         Ok(rank)
     }
 
-    /// The sinusoid settings of this model's embeddings.
-    pub(crate) fn sinusoid(&self) -> Sinusoid {
-        Sinusoid {
-            time_dim: self.time_proj_dim,
-            add_time_dim: self.add_time_proj_dim,
-            flip_sin_to_cos: self.flip_sin_to_cos,
-            freq_shift: self.freq_shift,
-        }
-    }
-
     /// Channels of the skips the down path pushes, in order: what a ControlNet's residuals must
     /// match one to one.
     pub fn skip_channels(&self) -> Vec<usize> {
@@ -1082,7 +1080,7 @@ impl UNet2DConditionModel {
         let emb = embed_time(
             &self.time_embedding,
             self.add_embedding.as_ref(),
-            self.sinusoid(),
+            self.sinusoid,
             timestep,
             text_embeds,
             time_ids,
